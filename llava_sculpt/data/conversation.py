@@ -1,0 +1,126 @@
+"""Conversation templates and tokenisation with LLaVA-1.5's label masking.
+
+`vicuna_v1` (LLaVA-1.5's fine-tuning template):
+
+    "<system> USER: <q1> ASSISTANT: <a1></s>USER: <q2> ASSISTANT: <a2></s>"
+
+The system line and the user turns are separated by a space; each assistant turn ends with `</s>` and the
+next `USER:` follows it directly.  Only the assistant answers, including their `</s>`, carry labels; every
+other token (BOS, system line, `USER: ...`, `ASSISTANT:` and the image tokens) is IGNORE_INDEX.
+
+The tokenizer sees the whole prompt as one string (exactly what it sees at inference), and the labelled
+tokens are found from character offsets: a token is labelled when its span overlaps an answer's span.
+The `<image>` placeholder is one special token, expanded afterwards to `num_image_tokens` copies, the
+number of visual features the model inserts (what HF's LlavaProcessor does at inference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava_sculpt.errors import UserError
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    name: str
+    system: str
+    roles: tuple[str, str]  # (user, assistant)
+    sep: str  # after the system line and after each user turn
+    sep2: str  # after each assistant turn
+
+
+VICUNA_V1 = ConversationTemplate(
+    name="vicuna_v1",
+    system=("A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    roles=("USER", "ASSISTANT"),
+    sep=" ",
+    sep2="</s>",
+)
+# LLaVA's `--version v1` selects the same template.  (Pre-training's `plain` template is out of scope:
+# this toolkit fine-tunes an already aligned LLaVA-1.5.)
+TEMPLATES = {"vicuna_v1": VICUNA_V1, "v1": VICUNA_V1, "llava_v1": VICUNA_V1}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    if name not in TEMPLATES:
+        raise UserError(f"unknown conversation template --version/--conv-mode {name!r}; "
+                        f"expected one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def render(template: ConversationTemplate, turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render (user, assistant) turns into the prompt string.
+
+    Returns (text, answer_spans): the character spans [start, end) of every assistant answer together
+    with its end-of-turn separator, i.e. what is labelled.  An assistant text of None ends the prompt with
+    "ASSISTANT:" (generation prompt)."""
+    user_role, asst_role = template.roles
+    text = template.system + template.sep
+    spans: list[tuple[int, int]] = []
+    for user, answer in turns:
+        text += f"{user_role}: {user}{template.sep}{asst_role}:"
+        if answer is None:
+            break
+        text += " "
+        start = len(text)
+        text += answer + template.sep2
+        spans.append((start, len(text)))
+    return text, spans
+
+
+def conversations_to_turns(conversations, where: str) -> list[tuple[str, str]]:
+    """LLaVA JSON `conversations` -> [(user, assistant), ...], validating alternation."""
+    if not isinstance(conversations, list) or not conversations:
+        raise UserError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+    turns, expected = [], ("human", "gpt")
+    if conversations[0].get("from") not in ("human", "user"):
+        conversations = conversations[1:]  # LLaVA drops a leading non-human turn (e.g. a system message)
+    if len(conversations) % 2:
+        raise UserError(f"{where}: conversations must alternate human/gpt and end with a gpt turn; "
+                        f"got {len(conversations)} turns")
+    for i in range(0, len(conversations), 2):
+        pair = conversations[i:i + 2]
+        for j, (turn, role) in enumerate(zip(pair, expected)):
+            got = turn.get("from") if isinstance(turn, dict) else None
+            if got not in (role, {"human": "user", "gpt": "assistant"}[role]) or not isinstance(turn.get("value"), str):
+                raise UserError(f"{where}: turn {i + j} should be a {{'from': '{role}', 'value': str}} "
+                                f"(conversations must alternate human/gpt), got {turn!r:.120}")
+        turns.append((pair[0]["value"], pair[1]["value"]))
+    return turns
+
+
+def tokenize_conversation(tokenizer, template: ConversationTemplate, turns: list[tuple[str, str]],
+                          num_image_tokens: int, image_token_id: int, max_length: int,
+                          where: str = "sample") -> dict:
+    """Tokenise a conversation and build LLaVA-1.5 labels.
+
+    Returns {"input_ids": list[int], "labels": list[int]} with the single `<image>` token expanded to
+    `num_image_tokens` copies and both truncated to `max_length` tokens."""
+    text, spans = render(template, turns)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    input_ids, labels = [], []
+    for tok_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tok_id == image_token_id:
+            input_ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            continue
+        in_answer = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+        input_ids.append(tok_id)
+        labels.append(tok_id if in_answer else IGNORE_INDEX)
+    if len(input_ids) > max_length:
+        # Cutting through the block of image tokens would leave the model with more image features than
+        # placeholders; LLaVA cuts embeddings after expansion, which HF's model cannot do.
+        if image_token_id in input_ids[max_length - 1:max_length + 1] and image_token_id in input_ids[:max_length]:
+            raise UserError(f"{where}: --model_max_length {max_length} cuts through the {num_image_tokens} "
+                            "image tokens; raise --model_max_length")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def generation_prompt(template: ConversationTemplate, question: str) -> str:
+    """Single-turn prompt ending in 'ASSISTANT:' for generation (LLaVA's eval prompt)."""
+    return render(template, [(question, None)])[0]

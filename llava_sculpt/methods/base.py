@@ -1,0 +1,67 @@
+"""The one interface every fine-tuning method implements.
+
+A method is a plain class with a flags dataclass.  The trainer calls, in this order:
+
+    inject(model, run)                      wrap the base model with adapters; return the model to train
+    on_train_begin(model, run)              once, after the optimizer exists (resume state already loaded)
+    extra_loss(model) -> Tensor | None      added to the task loss once per optimizer step (see train.py)
+    after_optimizer_step(model, step, run)  after every optimizer step; `step` = completed optimizer steps
+    state_dict() / load_state_dict(d)       tensors saved in every checkpoint as `method_state.safetensors`
+    post_training(run_dir, model, run)      after training, on the main process (e.g. reports, transforms)
+
+`run` is a `RunContext`: the parsed flags and, during training, the trainer and optimizer.  Methods never
+touch the training loop itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class RunContext:
+    model_args: Any
+    data_args: Any
+    training_args: Any
+    trainer: Any = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def optimizer(self):
+        return None if self.trainer is None else self.trainer.optimizer
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.training_args.process_index == 0
+
+
+class FineTuningMethod:
+    name: ClassVar[str] = "base"
+    flags_class: ClassVar[type | None] = None  # a dataclass of this method's command-line flags
+    trains_projector: ClassVar[bool] = True  # projector fully trained at --mm_projector_lr (LLaVA-1.5)
+
+    def __init__(self, flags=None):
+        self.flags = flags
+
+    def inject(self, model, run: RunContext):
+        raise NotImplementedError
+
+    def on_train_begin(self, model, run: RunContext) -> None:
+        pass
+
+    def extra_loss(self, model) -> torch.Tensor | None:
+        return None
+
+    def after_optimizer_step(self, model, step: int, run: RunContext) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def post_training(self, run_dir: str, model, run: RunContext) -> None:
+        pass

@@ -1,0 +1,56 @@
+"""Plain LoRA as LLaVA-1.5 applies it (Hu et al., ICLR'22): W = W0 + (alpha / r) * B A on every linear
+layer of the language model (q, k, v, o, gate, up, down for Llama); the vision tower and lm_head are frozen
+and unadapted.  The projector is trained in full by the trainer (see `trains_projector`)."""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from llava_sculpt.methods.base import FineTuningMethod, RunContext
+
+PROJECTOR_LINEARS = ("linear_1", "linear_2")
+
+
+def language_model_linear_suffixes(model) -> list[str]:
+    """Names (last component) of every linear layer inside the language model, lm_head excluded.
+    LLaVA's rule: all nn.Linear outside the vision tower, projector and lm_head.  bitsandbytes' Linear4bit
+    and Linear8bitLt subclass nn.Linear, so a quantised base is covered too."""
+    suffixes = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".language_model." in f".{name}." and "lm_head" not in name:
+            suffixes.add(name.rsplit(".", 1)[-1])
+    return sorted(suffixes)
+
+
+def lora_target_regex(model, include_projector: bool = False) -> str:
+    """A PEFT `target_modules` regex that adapts the language model's linears only (a plain list of names
+    would also hit the vision tower's q/k/v_proj), optionally the projector's two linears too."""
+    lm = "|".join(map(re.escape, language_model_linear_suffixes(model)))
+    pattern = rf".*language_model.*\.({lm})"
+    if include_projector:
+        pattern = rf"(?:{pattern})|(?:.*multi_modal_projector\.({'|'.join(PROJECTOR_LINEARS)}))"
+    return pattern
+
+
+def make_lora_config(training_args, model, include_projector: bool = False, **overrides):
+    from peft import LoraConfig
+
+    kwargs = dict(r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
+                  lora_dropout=training_args.lora_dropout, bias=training_args.lora_bias,
+                  target_modules=lora_target_regex(model, include_projector), task_type="CAUSAL_LM")
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def inject_lora(model, run: RunContext, include_projector: bool = False, **overrides):
+    from peft import get_peft_model
+
+    return get_peft_model(model, make_lora_config(run.training_args, model, include_projector, **overrides))
+
+
+class LoRAMethod(FineTuningMethod):
+    name = "lora"
+
+    def inject(self, model, run: RunContext):
+        return inject_lora(model, run)

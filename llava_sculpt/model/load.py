@@ -1,0 +1,152 @@
+"""Loading LLaVA-1.5 in Hugging Face format for training and inference.
+
+A training run directory (and every `checkpoint-N` inside it) holds:
+    adapter_config.json, adapter_model.safetensors   the PEFT adapter
+    mm_projector.safetensors                          the trained projector (keys linear_1.weight, ...)
+    processor / tokenizer files, run_args.json, method_state.safetensors
+`load_for_inference` rebuilds base + trained projector + adapter from it without merging, or loads a
+merged / plain HF checkpoint directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from llava_sculpt.errors import UserError
+
+PROJECTOR_FILE = "mm_projector.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_projector(model) -> torch.nn.Module:
+    for name, module in model.named_modules():
+        if name.endswith("multi_modal_projector"):
+            return module
+    raise UserError("the model has no multi_modal_projector: is this a LLaVA checkpoint?")
+
+
+def _check_hf_llava_dir(path: str, flag: str) -> None:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        hint = (" It looks like a LoRA run directory: pass it as --model-path and the base as --model-base."
+                if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) else "")
+        raise UserError(f"{flag} {path}: no config.json; expected a Hugging Face LLaVA-1.5 checkpoint "
+                        f"(e.g. llava-hf/llava-1.5-7b-hf downloaded to a local folder, or `llava-sculpt convert` "
+                        f"output).{hint}")
+    try:
+        with open(config) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{flag} {path}: cannot read config.json ({err})") from None
+    if cfg.get("model_type") != "llava":
+        extra = (" This is an original LLaVA checkpoint: convert it first with `llava-sculpt convert`."
+                 if cfg.get("model_type") == "llava_llama" else "")
+        raise UserError(f"{flag} {path}: model_type is {cfg.get('model_type')!r}, expected 'llava' "
+                        f"(Hugging Face LlavaForConditionalGeneration).{extra}")
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad checkpoint, explain it
+        raise UserError(f"cannot load the processor/tokenizer from {path}: {err}") from None
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True):
+    """bitsandbytes config as LLaVA's `--bits 4/8`: the vision tower, projector and lm_head stay unquantised."""
+    if bits == 16:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"--bits {bits} needs bitsandbytes, which is not installed: "
+                        "pip install 'llava-sculpt[quant]' (or pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_type=quant_type,
+                                  llm_int8_skip_modules=skip)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise UserError(f"--bits must be 16, 8 or 4, got {bits}")
+
+
+def load_base_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                    bits: int = 16, flag: str = "--model_name_or_path"):
+    """LlavaForConditionalGeneration from a local HF checkpoint, with clear errors for bad paths."""
+    from transformers import LlavaForConditionalGeneration
+
+    _check_hf_llava_dir(path, flag)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    qconfig = quantization_config(bits, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    except ImportError as err:
+        if "flash_attn" in str(err) or "flash_attention" in str(err).lower():
+            raise UserError(f"--attn_implementation flash_attention_2 needs the flash-attn package and a GPU "
+                            f"({err}); use --attn_implementation sdpa") from None
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{flag} {path}: cannot load the checkpoint: {err}") from None
+
+
+def save_projector(projector_state: dict[str, torch.Tensor], out_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    path = os.path.join(out_dir, PROJECTOR_FILE)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in projector_state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_projector(model, run_dir: str) -> bool:
+    """Copy the trained projector weights of `run_dir` into `model`; False when the run has none."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(run_dir, PROJECTOR_FILE)
+    if not os.path.isfile(path):
+        return False
+    projector = find_projector(model)
+    state = load_file(path)
+    own = projector.state_dict()
+    if set(state) != set(own):
+        raise UserError(f"{path}: projector keys {sorted(state)} do not match the model's {sorted(own)}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+    return True
+
+
+def load_for_inference(model_path: str, model_base: str | None = None, dtype: torch.dtype = torch.float32,
+                       attn_implementation: str = "sdpa"):
+    """(model, processor) for generation.  `model_path` is a run/checkpoint directory with a PEFT adapter
+    (base from `model_base`, else the adapter's recorded base), or a plain/merged HF checkpoint."""
+    from peft import PeftModel
+
+    is_adapter = os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG))
+    if not is_adapter:
+        model = load_base_model(model_path, dtype, attn_implementation, flag="--model-path")
+        return model.eval(), load_processor(model_path)
+    if model_base is None:
+        with open(os.path.join(model_path, ADAPTER_CONFIG)) as f:
+            model_base = json.load(f).get("base_model_name_or_path")
+        if not model_base or not os.path.isdir(model_base):
+            raise UserError(f"--model-path {model_path} is a LoRA adapter; pass the base checkpoint with "
+                            f"--model-base (the adapter records {model_base!r}, which is not a local folder)")
+    model = load_base_model(model_base, dtype, attn_implementation, flag="--model-base")
+    load_projector(model, model_path)
+    model = PeftModel.from_pretrained(model, model_path)
+    processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
+    return model.eval(), load_processor(processor_dir)

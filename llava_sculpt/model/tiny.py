@@ -1,0 +1,189 @@
+"""The embedded default: a LLaVA-1.5-shaped model small enough for CPU tests, built with no network.
+
+Same architecture as llava-hf/llava-1.5-7b-hf, scaled down:
+
+    CLIP-ViT tower   image 32 px, patch 8 -> 16 patches (+ CLS), hidden 32, 2 layers, feature layer -2
+    projector        2-layer GELU MLP (LLaVA's `mlp2x_gelu`): 32 -> 64 -> 64
+    language model   Llama, hidden 64, 2 layers, 4 heads, SwiGLU MLP 128
+    tokenizer        byte-level BPE trained here on synthetic text (vocab ~400) with `<s>`, `</s>`, `<unk>`,
+                     `<pad>` and `<image>`; BOS is prepended like Llama's tokenizer
+
+`llava-sculpt tiny --output-dir DIR [--seed N]` writes
+
+    DIR/model/              HF checkpoint (LlavaForConditionalGeneration + LlavaProcessor)
+    DIR/data/train.json     LLaVA training JSON; image paths relative to DIR/data/images/
+    DIR/data/images/*.png
+
+Everything is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from llava_sculpt.errors import run_cli
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
+
+COLOURS = {  # name -> RGB; the synthetic tasks ask about these
+    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
+    "purple": (140, 50, 170), "orange": (245, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245),
+}
+SHAPES = ("square", "circle", "triangle")
+
+# Text the tokenizer is trained on: the conversation template plus the synthetic tasks' words.
+_TEMPLATE_TEXT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+    "USER: ASSISTANT: Answer the question using a single word or phrase. "
+    "Answer with the option's letter from the given choices directly. "
+    "Provide a one-sentence caption for the provided image. Reference OCR token: "
+    "What colour is the shape? What shape is shown? What is in the image? How many? "
+    "A. B. C. D. a an the on of in with background picture photo small large yes no "
+    "0 1 2 3 4 5 6 7 8 9 10 , . ? ! : ; ' \" ( ) - "
+)
+
+
+def build_tokenizer(seed: int = 0):
+    """Train a byte-level BPE tokenizer on the template and task vocabulary (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = " ".join(list(COLOURS) + list(SHAPES))
+    corpus = [_TEMPLATE_TEXT, words, _TEMPLATE_TEXT.lower(), words.upper()] * 4
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right", model_max_length=2048,
+    )
+
+
+def build_tiny_model(seed: int = 0):
+    """Return (model, processor) with the LLaVA-1.5 architecture at toy size, weights from `seed`."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = build_tokenizer(seed)
+    image_size, patch_size = 32, 8
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    num_patches = (image_size // patch_size) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         image_seq_length=num_patches, projector_hidden_act="gelu",
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def draw_shape(colour: str, shape: str, size: tuple[int, int], background=(255, 255, 255)):
+    """A PIL image with one coloured shape: the ground truth of every synthetic task is known."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, background)
+    d = ImageDraw.Draw(img)
+    w, h = size
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    if shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    elif shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    else:
+        d.polygon([(w // 2, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4)], fill=COLOURS[colour])
+    return img
+
+
+def write_synthetic_train(data_dir: Path, seed: int = 0, num_samples: int = 24) -> Path:
+    """LLaVA training JSON with PNG images: colour/shape questions (single-word answers), captions,
+    a multi-turn sample and text-only samples, with varied (non-square) image sizes."""
+    rng = random.Random(seed)
+    image_dir = data_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(num_samples):
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        size = rng.choice([(32, 32), (48, 32), (32, 40), (40, 24)])
+        name = f"{i:05d}.png"
+        draw_shape(colour, shape, size).save(image_dir / name)
+        kind = i % 6
+        if kind == 5:  # text-only sample
+            samples.append({"id": f"tiny-{i}", "conversations": [
+                {"from": "human", "value": f"What colour is {colour} paint?"},
+                {"from": "gpt", "value": colour}]})
+            continue
+        if kind == 4:
+            conv = [{"from": "human", "value": "<image>\nProvide a one-sentence caption for the provided image."},
+                    {"from": "gpt", "value": f"a {colour} {shape} on a white background"}]
+        elif kind == 3:  # multi-turn
+            conv = [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "What shape is shown?"},
+                    {"from": "gpt", "value": shape}]
+        else:
+            conv = [{"from": "human", "value": "<image>\nWhat colour is the shape?\n"
+                     "Answer the question using a single word or phrase."},
+                    {"from": "gpt", "value": colour}]
+        samples.append({"id": f"tiny-{i}", "image": name, "conversations": conv})
+    path = data_dir / "train.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(samples, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24) -> Path:
+    out = Path(output_dir)
+    model, processor = build_tiny_model(seed)
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    write_synthetic_train(out / "data", seed=seed, num_samples=num_samples)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llava-sculpt tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True, help="where to write model/ and data/")
+    p.add_argument("--seed", type=int, default=0, help="weights, tokenizer and data seed (default 0)")
+    p.add_argument("--num-samples", type=int, default=24, help="synthetic training samples (default 24)")
+    args = p.parse_args(argv)
+    out = build_tiny(args.output_dir, args.seed, args.num_samples)
+    print(f"tiny LLaVA-1.5-shaped model: {out / 'model'}\ntraining JSON: {out / 'data' / 'train.json'} "
+          f"(--image_folder {out / 'data' / 'images'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

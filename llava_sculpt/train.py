@@ -1,0 +1,409 @@
+"""`llava-sculpt train` = `python -m llava_sculpt.train` = `deepspeed llava_sculpt/train.py ...`
+
+LLaVA-1.5's fine-tuning flags (same names and meanings), every Hugging Face `TrainingArguments` flag, and
+`--method` with each method's own flags.  The training loop is transformers' `Trainer`; `LlavaSculptTrainer`
+only overrides its hooks (sampler, optimizer groups, loss, saving, loading).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import transformers
+
+from llava_sculpt.data.conversation import get_template
+from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset, ModalityGroupedSampler
+from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.methods import METHODS, RunContext, get_method_class
+from llava_sculpt.model.load import (PROJECTOR_FILE, find_projector, load_base_model, load_processor,
+                                     load_projector, save_projector)
+
+METHOD_STATE_FILE = "method_state.safetensors"
+RUN_ARGS_FILE = "run_args.json"
+COMPLETE_FILE = "training_complete.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "local Hugging Face LLaVA-1.5 checkpoint "
+                                    "(e.g. llava-1.5-7b-hf); original LLaVA checkpoints: `llava-sculpt convert` first"})
+    version: str = field(default="v1", metadata={"help": "conversation template: v1 / vicuna_v1 (LLaVA-1.5)"})
+    vision_tower: str | None = field(default=None, metadata={"help": "LLaVA flag; the HF checkpoint contains its "
+                                     "tower, so this is only checked against it (patch size / image size)"})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "LLaVA flag; HF LLaVA-1.5 has the "
+                                   "2-layer GELU projector, so only mlp2x_gelu is accepted"})
+    mm_vision_select_layer: int | None = field(default=None, metadata={"help": "LLaVA flag; checked against "
+                                               "the checkpoint's vision_feature_layer (-2 for LLaVA-1.5)"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA flag; must be False (LLaVA-1.5)"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA flag; must be False (LLaVA-1.5)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (portable default), "
+                                     "flash_attention_2 (GPU, needs flash-attn; LLaVA's train_mem.py) or eager",
+                                     "choices": ["sdpa", "flash_attention_2", "eager"]})
+    method: str = field(default="lora", metadata={"help": f"fine-tuning method: {', '.join(sorted(METHODS))}"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "LLaVA training JSON (list of {id, image, conversations})"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder the 'image' paths are relative to"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad: pad to a square with the processor's "
+                                    "mean colour first (LLaVA-1.5); square: resize/crop as the processor does",
+                                    "choices": ["pad", "square"]})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; samples are always tokenised lazily"})
+    is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag, kept for compatibility"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "truncate sequences (image tokens included) "
+                                  "to this many tokens"})
+    lora_enable: bool = field(default=True, metadata={"help": "LLaVA flag; every method here is LoRA-based"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (LLaVA default 64; the paper uses 16/32/64)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (LLaVA default 16; the paper uses 2r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_bias: str = field(default="none", metadata={"help": "none | all | lora_only"})
+    lora_weight_path: str | None = field(default=None, metadata={"help": "continue from an earlier adapter "
+                                         "(a run or checkpoint directory); its projector is loaded too"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector "
+                                          "(default: --learning_rate)"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    bits: int = field(default=16, metadata={"help": "16, or 8/4 for a bitsandbytes-quantised base (QLoRA)",
+                                            "choices": [16, 8, 4]})
+    double_quant: bool = field(default=True, metadata={"help": "4-bit: quantise the quantisation constants"})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit type: nf4 or fp4"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of only image or only "
+                                           "text samples, with similar lengths (LLaVA's sampler)"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for LLaVA data"})
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> transformers.HfArgumentParser:
+    method_flags = [cls.flags_class for cls in METHODS.values() if cls.flags_class is not None]
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, *method_flags))
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) \
+            and not any(a in ("-h", "--help") for a in argv):
+        raise UserError("--output_dir is required: where the adapter, projector and checkpoints are written")
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args, *method_flag_values = parsed
+    method_cls = get_method_class(model_args.method)
+    flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
+    return model_args, data_args, training_args, method_cls(flags)
+
+
+def validate_llava_flags(model_args, data_args, training_args, config) -> None:
+    """LLaVA flags that only make sense for the original code are checked against the HF checkpoint."""
+    ckpt = model_args.model_name_or_path
+    if not training_args.lora_enable:
+        raise UserError("--lora_enable False (full fine-tuning of the language model) is not supported: every "
+                        "method in llava-sculpt trains LoRA adapters; drop the flag or pass --lora_enable True")
+    if model_args.mm_projector_type != "mlp2x_gelu":
+        raise UserError(f"--mm_projector_type {model_args.mm_projector_type}: Hugging Face LLaVA-1.5 checkpoints "
+                        "have the 2-layer GELU projector (mlp2x_gelu); other projector types cannot be loaded")
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise UserError("--mm_use_im_start_end / --mm_use_im_patch_token True: LLaVA-1.5 uses neither and the "
+                        "Hugging Face LLaVA model has no such tokens; pass False (the default)")
+    if model_args.mm_vision_select_layer is not None and model_args.mm_vision_select_layer != config.vision_feature_layer:
+        raise UserError(f"--mm_vision_select_layer {model_args.mm_vision_select_layer} differs from the checkpoint "
+                        f"{ckpt}, whose vision_feature_layer is {config.vision_feature_layer}; the layer is part of "
+                        "the trained model, so drop the flag or edit config.json deliberately")
+    if model_args.vision_tower:
+        vision = config.vision_config
+        m = re.search(r"patch(\d+)(?:-(\d+))?", model_args.vision_tower)
+        if m and (int(m.group(1)) != vision.patch_size or (m.group(2) and int(m.group(2)) != vision.image_size)):
+            raise UserError(f"--vision_tower {model_args.vision_tower} does not match the tower inside {ckpt} "
+                            f"(patch {vision.patch_size}, image {vision.image_size}); the HF checkpoint carries "
+                            "its own tower, so the flag is only checked — drop it or use the matching checkpoint")
+        print(f"note: --vision_tower {model_args.vision_tower} is not loaded: the tower inside {ckpt} is used "
+              f"(patch {vision.patch_size}, image {vision.image_size})")
+    get_template(model_args.version)
+    if training_args.lora_weight_path and not os.path.isfile(
+            os.path.join(training_args.lora_weight_path, "adapter_model.safetensors")):
+        raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _projector_keys(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Fully trained projector weights out of a (possibly gathered, PEFT-prefixed) state dict."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.search(r"multi_modal_projector\.(linear_\d\.(?:weight|bias))$", key)
+        if m and "lora_" not in key:
+            out[m.group(1)] = value
+    return out
+
+
+class MethodCallback(transformers.TrainerCallback):
+    def __init__(self, method, run: RunContext):
+        self.method, self.run = method, run
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.method.on_train_begin(self.run.trainer.model, self.run)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.method.after_optimizer_step(self.run.trainer.model, state.global_step, self.run)
+
+
+class LlavaSculptTrainer(transformers.Trainer):
+    def __init__(self, *args, method, run: RunContext, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method, self.run = method, run
+        self._extra_loss_sum, self._extra_loss_count = 0.0, 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.group_by_modality_length:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return ModalityGroupedSampler(dataset.modality_lengths, self.args.train_batch_size,
+                                          self.args.world_size * self.args.gradient_accumulation_steps,
+                                          seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        """LLaVA's parameter groups: (decay, no decay) x (projector at --mm_projector_lr, the rest)."""
+        if self.optimizer is None and self.args.mm_projector_lr is not None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = []
+            for is_projector in (False, True):
+                for use_decay in (True, False):
+                    params = [p for n, p in opt_model.named_parameters() if p.requires_grad
+                              and ("multi_modal_projector" in n) == is_projector and (n in decay) == use_decay]
+                    if params:
+                        group = {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0}
+                        if is_projector:
+                            group["lr"] = self.args.mm_projector_lr
+                        groups.append(group)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        extra = self.method.extra_loss(model) if model.training else None
+        if extra is None:
+            return result
+        self._extra_loss_sum += float(extra.detach())
+        self._extra_loss_count += 1
+        # The penalty belongs to the optimizer step, not to each micro-batch: when the task loss is already
+        # normalised over the accumulated batch, the Trainer will not divide by the accumulation steps, so
+        # we do, and the penalty enters each optimizer step exactly once.
+        scaled_for_ga = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                         else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                         or self.compute_loss_func is not None)
+        if scaled_for_ga:
+            extra = extra / self.current_gradient_accumulation_steps
+        if return_outputs:
+            return result[0] + extra, result[1]
+        return result + extra
+
+    def log(self, logs, *args, **kwargs):
+        if self._extra_loss_count and "loss" in logs:
+            logs[f"{self.method.name}_penalty"] = self._extra_loss_sum / self._extra_loss_count
+            self._extra_loss_sum, self._extra_loss_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Every save (checkpoint-N and the final one) is self-contained: adapter + projector + method state
+        + processor + run arguments.  Under ZeRO-3 `state_dict` is the gathered one, so saved values are the
+        trained ones."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        if self.method.trains_projector and not self.args.freeze_mm_mlp_adapter:
+            source = state_dict if state_dict else find_projector(self.model).state_dict()
+            projector = _projector_keys(source) if state_dict else dict(source)
+            save_projector(projector, output_dir)
+        save_method_state(self.method, output_dir)
+        write_run_args(self.run, self.method, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_projector(model if model is not None else self.model, resume_from_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def save_method_state(method, output_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    state = method.state_dict()
+    if state:
+        path = os.path.join(output_dir, METHOD_STATE_FILE)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def load_method_state(method, checkpoint_dir: str) -> None:
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint_dir, METHOD_STATE_FILE)
+    method.load_state_dict(load_file(path) if os.path.isfile(path) else {})
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def write_run_args(run: RunContext, method, output_dir: str) -> None:
+    record = {
+        "method": method.name,
+        "method_flags": _jsonable(method.flags) if method.flags is not None else {},
+        "model_args": _jsonable(run.model_args),
+        "data_args": _jsonable(run.data_args),
+        "training_args": _jsonable(run.training_args.to_dict()),
+        "versions": {"llava_sculpt": __import__("llava_sculpt").__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": __import__("peft").__version__},
+    }
+    path = os.path.join(output_dir, RUN_ARGS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def build_model(model_args, training_args, method, run: RunContext):
+    """Base model -> frozen -> adapters injected by the method -> projector trainable (unless frozen)."""
+    dtype = compute_dtype(training_args)
+    # Without DeepSpeed there are no fp32 master weights: keep the base in the compute dtype and the
+    # trainable parameters in fp32 (autocast does the rest).  DeepSpeed keeps its own fp32 copies.
+    model = load_base_model(model_args.model_name_or_path, dtype, model_args.attn_implementation, training_args.bits)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if training_args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    transformers.set_seed(training_args.seed)  # adapter initialisation is reproducible
+    model = method.inject(model, run)
+    if training_args.lora_weight_path:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(training_args.lora_weight_path, "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: adapter keys do not match this "
+                            f"model/method (e.g. {result.unexpected_keys[:2]}); same --lora_r and targets needed")
+        load_projector(model, training_args.lora_weight_path)
+    projector = find_projector(model)
+    if method.trains_projector and not training_args.freeze_mm_mlp_adapter:
+        for p in projector.parameters():
+            p.requires_grad_(True)
+    if not training_args.deepspeed:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model
+
+
+def resolve_resume(training_args) -> str | None:
+    """--resume_from_checkpoint PATH | True/latest; without it, like LLaVA, resume from the newest
+    checkpoint-N in --output_dir when there is one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value and value.lower() not in ("true", "latest"):
+        if not os.path.isdir(value):
+            raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+        return value
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if value and last is None:
+        raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N directory in {training_args.output_dir}")
+    if last and not value:
+        print(f"resuming from {last} (found in --output_dir; LLaVA's behaviour)")
+    return last
+
+
+def finalise(trainer, run: RunContext, method, output_dir: str) -> None:
+    """Write the final adapter/projector/state into output_dir atomically-enough: everything goes to a
+    temporary folder first and is moved in file by file; `training_complete.json` is written last, so a
+    run directory without it never looks finished."""
+    tmp = os.path.join(output_dir, ".final-tmp")
+    if trainer.args.should_save and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    trainer.save_model(tmp)
+    if not trainer.args.should_save:
+        return
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+    trainer.save_state()
+    method.post_training(output_dir, trainer.model, run)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    with open(os.path.join(output_dir, COMPLETE_FILE + ".tmp"), "w") as f:
+        json.dump({"global_step": trainer.state.global_step, "method": method.name,
+                   "final_logged_loss": losses[-1] if losses else None}, f, indent=2)
+    os.replace(os.path.join(output_dir, COMPLETE_FILE + ".tmp"), os.path.join(output_dir, COMPLETE_FILE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    model_args, data_args, training_args, method = parse_args(argv)
+    if not model_args.model_name_or_path:
+        raise UserError("--model_name_or_path is required (a local Hugging Face LLaVA-1.5 checkpoint)")
+    if not data_args.data_path:
+        raise UserError("--data_path is required (LLaVA training JSON)")
+    processor = load_processor(model_args.model_name_or_path)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    validate_llava_flags(model_args, data_args, training_args, config)
+    tokenizer = processor.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{model_args.model_name_or_path}: a fast tokenizer (tokenizer.json) is needed for label masking")
+    dataset = LlavaSupervisedDataset(data_args.data_path, data_args.image_folder, tokenizer, processor.image_processor,
+                                     config, get_template(model_args.version), training_args.model_max_length,
+                                     data_args.image_aspect_ratio)
+    resume = resolve_resume(training_args)
+    run = RunContext(model_args, data_args, training_args)
+    model = build_model(model_args, training_args, method, run)
+    if resume:
+        load_method_state(method, resume)
+    trainer = LlavaSculptTrainer(model=model, args=training_args, train_dataset=dataset,
+                                 data_collator=LlavaCollator(tokenizer.pad_token_id), processing_class=processor,
+                                 method=method, run=run)
+    run.trainer = trainer
+    trainer.add_callback(MethodCallback(method, run))
+    trainer.train(resume_from_checkpoint=resume)
+    finalise(trainer, run, method, training_args.output_dir)
+    if trainer.args.should_save:
+        print(f"done: adapter, {PROJECTOR_FILE} and processor in {training_args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
