@@ -1,0 +1,185 @@
+"""`llava-sculpt prepare DATASET --raw-dir RAW --out-dir OUT`: convert a benchmark's OFFICIAL raw files
+into LLaVA-1.5 training JSON and evaluation question JSON lines.
+
+    llava-sculpt prepare {iconqa,coco,okvqa,ocrvqa,gqa,textvqa} --raw-dir RAW --out-dir OUT
+        [--split S] [--num-train 10000] [--num-test N|all] [--seed 0] [--image-root DIR]
+        [--skip-missing-images]
+
+Raw files expected in RAW (names as distributed):
+  iconqa   problems.json, pid_splits.json                    images iconqa/{split}/choose_txt/{pid}/image.png
+  coco     dataset_coco.json (Karpathy)                      images {filepath}/{filename}, e.g. val2014/COCO_val2014_...jpg
+  okvqa    OpenEnded_mscoco_val2014_questions.json,          images val2014/COCO_val2014_{image_id:012d}.jpg
+           mscoco_val2014_annotations.json
+  ocrvqa   dataset.json                                      images images/{key}{ext of imageURL} (or images/{key}.jpg)
+  gqa      testdev_balanced_questions.json                   images images/{imageId}.jpg
+           [+ LLaVA's llava_gqa_testdev_balanced.jsonl]
+  textvqa  TextVQA_0.5.1_val.json                            images train_images/{image_id}.jpg
+           [+ LLaVA's llava_textvqa_val_v051_ocr.jsonl]
+Image paths are relative to --image-root (default: RAW).  When LLaVA's ready-made question file is in
+RAW (gqa, textvqa) it is validated (JSON lines with question_id, image, text; every question_id present in
+the official file) and used as questions.jsonl, its lines unchanged (only sampled when --num-test is
+given); the image folder is then --image-root or its images/ (gqa) / train_images/ (textvqa) sub-folder,
+whichever holds the images.
+
+--split is the EVALUATION split: iconqa test|val (default test), coco test|val (default test), okvqa
+val2014, ocrvqa test|val|train (default test), gqa testdev_balanced (any {S}_questions.json), textvqa val.
+Training samples (target tasks only) always come from IconQA `choose_txt_train` and COCO Karpathy
+train + restval.
+
+Outputs in OUT (all written atomically):
+  train.json         iconqa, coco only (omitted with --num-train 0): LLaVA training list
+                     [{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n" + prompt},
+                                                        {"from": "gpt", "value": answer}]}],
+                     --num-train samples (default 10000; all when fewer exist), in raw-file order.
+                       iconqa: id "iconqa_{pid}"; prompt = question, "A. choice" lines, then
+                               "Answer with the option's letter from the given choices directly."; answer = letter.
+                       coco:   one sample per (image, reference sentence); id "coco_{cocoid}_{k}";
+                               prompt = "Provide a one-sentence caption for the provided image."; answer = raw sentence.
+  questions.jsonl    every dataset: {"question_id", "image", "text", "category"} per line, no "<image>" token
+                     (the generator adds it), in raw-file order.
+                       iconqa  question_id = pid (str), text = the multiple-choice prompt above, category "choose_txt"
+                       coco    question_id = cocoid (int), text = the caption instruction, category "caption"
+                       okvqa   question_id (int), text = question + "\\nAnswer the question using a single word or phrase."
+                       ocrvqa  question_id = "{key}_{index}" (str), text = question + the same suffix
+                       gqa     question_id = qid (str), text = question + the same suffix
+                       textvqa question_id (int), text = question [+ "\\nReference OCR token: a, b, c"] + the same suffix
+                     (category "default" for the four short-answer datasets)
+  annotations.jsonl  iconqa, ocrvqa: the questions.jsonl lines plus "answer" (iconqa: the letter;
+                     ocrvqa: the answer string)
+  annotations.json   okvqa: the official annotations file restricted to the sampled questions;
+                     gqa: the official {S}_questions.json (dict qid -> entry) restricted;
+                     textvqa: the official TextVQA_0.5.1_{S}.json with "data" restricted;
+                     coco: COCO caption format {"images": [{"id", "file_name"}],
+                           "annotations": [{"image_id", "id", "caption"}], "info", "licenses", "type"}
+                           from the raw Karpathy sentences of the sampled images
+  questions_official.json  okvqa only: the official questions file restricted to the sample
+  sampled_ids.json   {"dataset", "split", "seed", "num_train", "num_test" (as requested, null = all),
+                      "train_ids": [...], "test_ids": [...]} (train_ids empty for source datasets)
+  manifest.json      {"dataset", "split", "seed", "image_folder" (absolute: pass it as --image_folder /
+                      --image-folder), "raw_files", "files": {role: file name}, "counts": {...}}
+
+Sampling: --num-train / --num-test items are drawn without replacement by `random.Random("{dataset}:
+{train|test}:{seed}")` and kept in raw-file order, so the same seed gives the same ids on every machine.
+--num-test defaults to all questions; the LoRASculpt paper used 2,000 random OCR-VQA test questions
+(`--num-test 2000`).  Every image referenced by a chosen sample must exist, else this is an error listing
+how many are missing and the first few paths; --skip-missing-images instead drops such samples (before
+sampling) with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.data.prepare.common import PrepareOptions, Prepared, warn, write_json, write_jsonl
+
+DATASETS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa")
+TARGET_DATASETS = ("iconqa", "coco")
+DEFAULT_NUM_TRAIN = 10000
+
+
+def _count(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-sculpt prepare", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("dataset", choices=DATASETS)
+    parser.add_argument("--raw-dir", required=True, type=Path, help="folder with the official raw files")
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder to write the outputs to")
+    parser.add_argument("--split", default=None, help="evaluation split (dataset-specific default)")
+    parser.add_argument("--num-train", type=_count, default=DEFAULT_NUM_TRAIN,
+                        help="training samples for iconqa/coco (default 10000; 'all'; 0 = no train.json)")
+    parser.add_argument("--num-test", type=_count, default=None,
+                        help="evaluation questions to sample (default all; the paper used 2000 for ocrvqa)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--image-root", type=Path, default=None,
+                        help="folder the image paths are relative to (default: --raw-dir)")
+    parser.add_argument("--skip-missing-images", action="store_true",
+                        help="drop samples whose image is missing (with a warning) instead of failing")
+    return parser
+
+
+def prepare(opts: PrepareOptions) -> Prepared:
+    """Run the converter of `opts.dataset` (returns the result without writing it)."""
+    module = importlib.import_module(f"llava_sculpt.data.prepare.{opts.dataset}")
+    return module.prepare(opts)
+
+
+def write_outputs(opts: PrepareOptions, result: Prepared) -> dict[str, str]:
+    """Write a converter's result to opts.out_dir; returns {role: file name}."""
+    out = opts.out_dir
+    files = {}
+    if result.train is not None:
+        write_json(out / "train.json", result.train, indent=1)
+        files["train"] = "train.json"
+    write_jsonl(out / "questions.jsonl", result.questions)
+    files["questions"] = "questions.jsonl"
+    for name, rows in result.jsonl_files.items():
+        write_jsonl(out / name, rows)
+        files[name.split(".")[0]] = name
+    for name, obj in result.json_files.items():
+        write_json(out / name, obj)
+        files[name.split(".")[0]] = name
+    train_ids = [sample["id"] for sample in result.train or []]
+    test_ids = [q["question_id"] for q in result.questions]
+    write_json(out / "sampled_ids.json", {
+        "dataset": opts.dataset, "split": result.split, "seed": opts.seed,
+        "num_train": opts.num_train if opts.dataset in TARGET_DATASETS else 0, "num_test": opts.num_test,
+        "train_ids": train_ids, "test_ids": test_ids}, indent=1)
+    files["sampled_ids"] = "sampled_ids.json"
+    files["manifest"] = "manifest.json"
+    write_json(out / "manifest.json", {
+        "dataset": opts.dataset, "split": result.split, "seed": opts.seed,
+        "image_folder": str(result.image_folder.resolve()),
+        "raw_files": [str(p.resolve()) for p in result.raw_files], "files": files,
+        "counts": {"train": len(train_ids), "test": len(test_ids)}}, indent=1)
+    return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.raw_dir.is_dir():
+        raise UserError(f"--raw-dir {args.raw_dir} is not a folder; expected the folder holding the "
+                        f"official {args.dataset} files.")
+    image_root = args.image_root if args.image_root is not None else args.raw_dir
+    if not image_root.is_dir():
+        raise UserError(f"--image-root {image_root} is not a folder; expected the folder the image paths "
+                        f"are relative to.")
+    if args.num_test == 0:
+        raise UserError("--num-test 0 would write no questions; give a positive number or 'all'.")
+    if args.dataset not in TARGET_DATASETS and args.num_train not in (0, DEFAULT_NUM_TRAIN):
+        warn(f"--num-train is ignored for {args.dataset}: only iconqa and coco get a train.json.")
+    opts = PrepareOptions(dataset=args.dataset, raw_dir=args.raw_dir, out_dir=args.out_dir,
+                          image_root=image_root, split=args.split, num_train=args.num_train,
+                          num_test=args.num_test, seed=args.seed, skip_missing_images=args.skip_missing_images)
+    result = prepare(opts)
+    files = write_outputs(opts, result)
+    out = opts.out_dir
+    if result.train is not None:
+        print(f"wrote {out / files['train']} ({len(result.train)} training samples)")
+    print(f"wrote {out / files['questions']} ({len(result.questions)} {result.split} questions)")
+    for role in ("annotations", "questions_official"):
+        if role in files:
+            print(f"wrote {out / files[role]}")
+    print(f"wrote {out / 'sampled_ids.json'} and {out / 'manifest.json'}")
+    print(f"image folder: {result.image_folder.resolve()}  (pass it as --image_folder / --image-folder)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
