@@ -20,7 +20,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return int(main(argv) or 0)
     except UserError as err:
         text = " ".join(str(err).split())
-        print("llava-sculpt: error: " + "\n  ".join(textwrap.wrap(text, 100)), file=sys.stderr)
+        print("llava-sculpt: error: " + "\n  ".join(textwrap.wrap(text, 100, break_on_hyphens=False, break_long_words=False)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llava-sculpt: interrupted", file=sys.stderr)

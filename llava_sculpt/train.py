@@ -22,7 +22,7 @@ from llava_sculpt.data.conversation import get_template
 from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset, ModalityGroupedSampler
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.methods import METHODS, RunContext, get_method_class
-from llava_sculpt.model.load import (PROJECTOR_FILE, find_projector, load_base_model, load_processor,
+from llava_sculpt.model.load import (PROJECTOR_FILE, check_hf_llava_dir, find_projector, load_base_model, load_processor,
                                      load_projector, save_projector)
 
 METHOD_STATE_FILE = "method_state.safetensors"
@@ -81,6 +81,18 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of only image or only "
                                            "text samples, with similar lengths (LLaVA's sampler)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False for LLaVA data"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA / transformers 4 flag: warm-up as a "
+                                       "fraction of the total steps (transformers 5 takes it as a float "
+                                       "--warmup_steps < 1; this sets that)"})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise UserError("pass either --warmup_ratio or --warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -377,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--model_name_or_path is required (a local Hugging Face LLaVA-1.5 checkpoint)")
     if not data_args.data_path:
         raise UserError("--data_path is required (LLaVA training JSON)")
+    check_hf_llava_dir(model_args.model_name_or_path, "--model_name_or_path")
     processor = load_processor(model_args.model_name_or_path)
     from transformers import AutoConfig
 

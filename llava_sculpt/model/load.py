@@ -28,7 +28,7 @@ def find_projector(model) -> torch.nn.Module:
     raise UserError("the model has no multi_modal_projector: is this a LLaVA checkpoint?")
 
 
-def _check_hf_llava_dir(path: str, flag: str) -> None:
+def check_hf_llava_dir(path: str, flag: str) -> None:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         hint = (" It looks like a LoRA run directory: pass it as --model-path and the base as --model-base."
@@ -83,7 +83,7 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, attn_implemen
     """LlavaForConditionalGeneration from a local HF checkpoint, with clear errors for bad paths."""
     from transformers import LlavaForConditionalGeneration
 
-    _check_hf_llava_dir(path, flag)
+    check_hf_llava_dir(path, flag)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     qconfig = quantization_config(bits, dtype)
     if qconfig is not None:
