@@ -1,0 +1,367 @@
+"""`llava-sculpt score TASK`: score one answers file with the benchmark's metric (REFERENCE.md section 4).
+
+    llava-sculpt score okvqa --annotation-file mscoco_val2014_annotations.json \\
+        --question-file OpenEnded_mscoco_val2014_questions.json --result-file answers.jsonl --json-out s.json
+
+Annotation files (official formats, or the question JSONL with answers):
+    okvqa    {"annotations": [{question_id, answers: [{answer}, ...]}]}; --question-file (optional)
+             {"questions": [{question_id}]} or JSON lines restricts/validates the question set
+    textvqa  TextVQA_0.5.1_val.json {"data": [{question_id, image_id, question, answers: [10 str]}]}
+    gqa      testdev_balanced_questions.json {qid: {answer, ...}}
+    iconqa, ocrvqa  JSON lines (or a JSON list) {"question_id", "answer", ...}
+    coco     COCO caption format {"images": [{id}], "annotations": [{image_id, caption}]}
+Result files: LLaVA answer lines {"question_id", "prompt", "text", ...} (JSON lines, or one JSON list).
+    coco: question_id (or image_id) = COCO image id, text (or caption) = the caption.
+    textvqa: question_id is either the TextVQA question_id, or (LLaVA's own question file) the image id;
+    then the question is the prompt's first line and the pair (image id, lower-cased question) is matched,
+    as LLaVA's scorer does.  When several annotation entries share that pair, the n-th such result line
+    is scored against the n-th entry (LLaVA's dict keeps only the last entry).
+Output: the score on stdout; with --json-out, {"task", "metric", "score" (0-100; CIDEr x 100),
+"num_samples", "compat", ...}.  Missing, duplicate or unknown ids are an error (exit 2) unless
+--allow-partial, which warns and scores the answered questions only (the first of duplicates).
+
+--compat paper reproduces the LoRASculpt release's scorers (OK-VQA punctuation-only port, IconQA/OCR-VQA
+raw lower-case equality); for gqa, textvqa and coco it is identical to official.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.eval import metrics
+
+TASKS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa")
+METRIC_NAMES = {"okvqa": "vqa_accuracy", "textvqa": "textvqa_soft_accuracy", "gqa": "exact_match",
+                "iconqa": "exact_match", "ocrvqa": "exact_match", "coco": "CIDEr-D"}
+PAPER_EQUALS_OFFICIAL = ("gqa", "textvqa", "coco")
+
+
+@dataclass
+class Annotations:
+    """Ground truth keyed by a canonical id string; `aliases` maps other result keys to canonical ids."""
+    gt: dict[str, Any]
+    aliases: dict[str, str] = field(default_factory=dict)
+    image_ids: frozenset[str] = frozenset()  # textvqa: result question_ids that are image ids
+
+
+# ---------------------------------------------------------------------------------------------- I/O
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist.") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+
+
+def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
+    """JSON lines, or one JSON list, of objects -> [(line number or list index + 1, record)]."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist.") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{what} {path} starts like a JSON list but does not parse "
+                            f"(line {err.lineno}: {err.msg}).") from None
+        where = "item"
+    else:
+        items, where = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{what} {path}, line {number}: not valid JSON ({err.msg}); expected one "
+                                "JSON object per line.") from None
+    for number, record in items:
+        if not isinstance(record, dict):
+            raise UserError(f"{what} {path}, {where} {number}: expected a JSON object, got "
+                            f"{type(record).__name__}.")
+    return items
+
+
+def _field(record: dict, names: Sequence[str], path: str, number: int, what: str) -> Any:
+    for name in names:
+        if name in record and record[name] is not None:
+            return record[name]
+    raise UserError(f"{what} {path}, entry {number}: missing field {' or '.join(map(repr, names))} "
+                    f"(fields present: {sorted(record)}).")
+
+
+def _write_json_atomic(path: str, payload: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".score-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------ annotations
+def _load_okvqa(path: str, question_file: str | None) -> Annotations:
+    data = _read_json(path, "annotation file")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"annotation file {path}: expected the official OK-VQA annotation JSON "
+                        '{"annotations": [{"question_id", "answers": [{"answer"}, ...]}, ...]}.')
+    gt: dict[str, list[str]] = {}
+    for number, ann in enumerate(data["annotations"], start=1):
+        qid = str(_field(ann, ["question_id"], path, number, "annotation file"))
+        answers = _field(ann, ["answers"], path, number, "annotation file")
+        if not isinstance(answers, list) or not answers:
+            raise UserError(f"annotation file {path}, annotation {number} (question_id {qid}): "
+                            "'answers' must be a non-empty list of {\"answer\": str}.")
+        gt[qid] = [str(a["answer"]) if isinstance(a, dict) else str(a) for a in answers]
+    if question_file:
+        try:  # the official {"questions": [...]} JSON, else LLaVA-style question lines
+            with open(question_file, encoding="utf-8") as f:
+                questions = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            questions = None
+        if isinstance(questions, dict) and isinstance(questions.get("questions"), list):
+            records = list(enumerate(questions["questions"], start=1))
+        else:
+            records = _read_records(question_file, "question file")
+        qids = [str(_field(q, ["question_id"], question_file, n, "question file")) for n, q in records]
+        lacking = [q for q in qids if q not in gt]
+        if lacking:
+            raise UserError(f"question file {question_file}: {len(lacking)} of {len(qids)} questions have "
+                            f"no annotation in {path} (e.g. question_id {', '.join(lacking[:5])}).")
+        gt = {q: gt[q] for q in qids}
+    return Annotations(gt)
+
+
+def _load_textvqa(path: str) -> Annotations:
+    data = _read_json(path, "annotation file")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise UserError(f"annotation file {path}: expected TextVQA_0.5.1_val.json "
+                        '{"data": [{"question_id", "image_id", "question", "answers"}, ...]}.')
+    gt, aliases, seen = {}, {}, {}
+    for number, item in enumerate(data["data"], start=1):
+        qid = str(_field(item, ["question_id"], path, number, "annotation file"))
+        image = str(_field(item, ["image_id"], path, number, "annotation file"))
+        question = str(_field(item, ["question"], path, number, "annotation file")).strip().lower()
+        answers = _field(item, ["answers"], path, number, "annotation file")
+        if not isinstance(answers, list) or not answers:
+            raise UserError(f"annotation file {path}, entry {number} (question_id {qid}): 'answers' must "
+                            "be a non-empty list of strings.")
+        gt[qid] = [str(a) for a in answers]
+        occurrence = seen.get((image, question), 0)
+        seen[(image, question)] = occurrence + 1
+        aliases[_image_question_key(image, question, occurrence)] = qid
+    return Annotations(gt, aliases, frozenset(image for image, _ in seen))
+
+
+def _image_question_key(image: str, question: str, occurrence: int) -> str:
+    return f"image:{image}\x00{question}\x00{occurrence}"
+
+
+def _load_gqa(path: str) -> Annotations:
+    data = _read_json(path, "annotation file")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UserError(f"annotation file {path}: expected GQA testdev_balanced_questions.json "
+                        '{qid: {"question", "answer", ...}}.')
+    return Annotations({str(qid): str(_field(v, ["answer"], path, i, "annotation file"))
+                        for i, (qid, v) in enumerate(data.items(), start=1)})
+
+
+def _load_answer_lines(path: str) -> Annotations:
+    gt: dict[str, str] = {}
+    for number, record in _read_records(path, "annotation file"):
+        qid = str(_field(record, ["question_id"], path, number, "annotation file"))
+        if qid in gt:
+            raise UserError(f"annotation file {path}, entry {number}: question_id {qid} appears twice.")
+        gt[qid] = str(_field(record, ["answer"], path, number, "annotation file"))
+    return Annotations(gt)
+
+
+def _load_coco(path: str) -> Annotations:
+    data = _read_json(path, "annotation file")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"annotation file {path}: expected COCO caption format "
+                        '{"images": [{"id"}], "annotations": [{"image_id", "caption"}]}.')
+    captions: dict[str, list[str]] = {}
+    for number, ann in enumerate(data["annotations"], start=1):
+        image = str(_field(ann, ["image_id"], path, number, "annotation file"))
+        captions.setdefault(image, []).append(str(_field(ann, ["caption"], path, number, "annotation file")))
+    images = [str(img["id"]) for img in data.get("images") or [] if isinstance(img, dict) and "id" in img]
+    if images:
+        bare = [i for i in images if i not in captions]
+        if bare:
+            raise UserError(f"annotation file {path}: {len(bare)} images have no caption "
+                            f"(e.g. id {', '.join(bare[:5])}).")
+        captions = {i: captions[i] for i in images}
+    return Annotations(captions)
+
+
+def load_annotations(task: str, annotation_file: str, question_file: str | None = None) -> Annotations:
+    if task == "okvqa":
+        return _load_okvqa(annotation_file, question_file)
+    if task == "textvqa":
+        return _load_textvqa(annotation_file)
+    if task == "gqa":
+        return _load_gqa(annotation_file)
+    if task == "coco":
+        return _load_coco(annotation_file)
+    return _load_answer_lines(annotation_file)
+
+
+# ---------------------------------------------------------------------------------------- results
+def textvqa_question_from_prompt(prompt: str) -> str:
+    """The question of a LLaVA TextVQA prompt: its first line (before "\\nReference OCR token: ..." and
+    the short-answer instruction), stripped and lower-cased."""
+    return prompt.strip().split("\n")[0].strip().lower()
+
+
+def match_results(task: str, ann: Annotations, result_file: str,
+                  allow_partial: bool = False) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """[(canonical id, prediction text)] for the answered questions, and the counts of problems."""
+    answered: dict[str, str] = {}
+    duplicates, unknown = [], []
+    textvqa_seen: dict[tuple[str, str], int] = {}
+    for number, record in _read_records(result_file, "result file"):
+        id_fields = ["image_id", "question_id"] if task == "coco" else ["question_id"]
+        raw_id = str(_field(record, id_fields, result_file, number, "result file"))
+        text = _field(record, ["text", "caption"] if task == "coco" else ["text"], result_file, number,
+                      "result file")
+        if not isinstance(text, str):
+            raise UserError(f"result file {result_file}, entry {number}: 'text' must be a string.")
+        key, shown = raw_id, f"question_id {raw_id}"
+        if task == "textvqa" and raw_id in ann.image_ids:
+            question = textvqa_question_from_prompt(str(_field(record, ["prompt"], result_file, number,
+                                                               "result file")))
+            occurrence = textvqa_seen.get((raw_id, question), 0)
+            textvqa_seen[(raw_id, question)] = occurrence + 1
+            alias = _image_question_key(raw_id, question, occurrence)
+            shown = f"image {raw_id} question {question!r}"
+            if alias not in ann.aliases:
+                if occurrence > 0 and _image_question_key(raw_id, question, 0) in ann.aliases:
+                    duplicates.append(shown)
+                else:
+                    unknown.append(shown)
+                continue
+            key = ann.aliases[alias]
+        if key not in ann.gt:
+            unknown.append(shown)
+        elif key in answered:
+            duplicates.append(shown)
+        else:
+            answered[key] = text
+    missing = [k for k in ann.gt if k not in answered]
+    counts = {"missing": len(missing), "duplicates": len(duplicates), "unknown": len(unknown)}
+    if missing or duplicates or unknown:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(ann.gt)} annotated questions have no prediction "
+                         f"(e.g. {', '.join(missing[:3])})")
+        if duplicates:
+            parts.append(f"{len(duplicates)} lines repeat an already answered question "
+                         f"(e.g. {'; '.join(duplicates[:3])})")
+        if unknown:
+            parts.append(f"{len(unknown)} lines answer questions not in the annotations "
+                         f"(e.g. {'; '.join(unknown[:3])})")
+        message = f"result file {result_file} does not match the {task} annotations: " + "; ".join(parts)
+        if not allow_partial:
+            raise UserError(message + ". Pass --allow-partial to score the answered questions only "
+                                      "(the first line of a duplicate is used).")
+        print(f"llava-sculpt: warning: {message}; scoring the {len(answered)} answered questions.",
+              file=sys.stderr)
+    if not answered:
+        raise UserError(f"result file {result_file}: no line answers a question of the {task} annotations.")
+    return [(k, answered[k]) for k in ann.gt if k in answered], counts
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def score_task(task: str, annotation_file: str, result_file: str, question_file: str | None = None,
+               compat: str = "official", allow_partial: bool = False, cider_only: bool = False) -> dict:
+    """Score `result_file` against `annotation_file`; returns the JSON payload (score on 0-100)."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}.")
+    if compat not in ("official", "paper"):
+        raise UserError(f"--compat must be 'official' or 'paper', not {compat!r}.")
+    if question_file and task != "okvqa":
+        print(f"llava-sculpt: warning: --question-file is only used by okvqa; ignored for {task}.",
+              file=sys.stderr)
+    ann = load_annotations(task, annotation_file, question_file)
+    pairs, counts = match_results(task, ann, result_file, allow_partial)
+    payload: dict[str, Any] = {"task": task, "metric": METRIC_NAMES[task]}
+    if task == "coco":
+        gts = {k: ann.gt[k] for k, _ in pairs}
+        res = {k: [text] for k, text in pairs}
+        caps = metrics.caption_scores(gts, res, extra=not cider_only)
+        payload["score"] = 100.0 * caps["cider"]
+        payload.update({name: 100.0 * value for name, value in caps.items()})
+    else:
+        per_question: Callable[[str, Any], float]
+        if task == "okvqa":
+            per_question = lambda p, g: metrics.vqa_accuracy(p, g, normalize_mode=compat)  # noqa: E731
+        elif task == "textvqa":
+            per_question = metrics.textvqa_accuracy
+        elif task == "gqa":
+            per_question = lambda p, g: float(metrics.gqa_match(p, g))  # noqa: E731
+        else:
+            per_question = lambda p, g: float(metrics.exact_match(p, g, compat))  # noqa: E731
+        payload["score"] = 100.0 * _mean([per_question(text, ann.gt[k]) for k, text in pairs])
+    payload.update({"num_samples": len(pairs), "compat": compat, "num_annotated": len(ann.gt),
+                    "partial": any(counts.values()), **counts,
+                    "annotation_file": os.path.abspath(annotation_file),
+                    "result_file": os.path.abspath(result_file)})
+    if task in PAPER_EQUALS_OFFICIAL:
+        payload["compat_note"] = f"paper and official scoring are identical for {task}"
+    return payload
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-sculpt score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--annotation-file", required=True, help="official annotations (see module doc)")
+    parser.add_argument("--result-file", required=True, help="LLaVA answer lines")
+    parser.add_argument("--question-file", default=None, help="okvqa: official question JSON")
+    parser.add_argument("--compat", choices=("official", "paper"), default="official",
+                        help="paper: the LoRASculpt release's scorers (default: official)")
+    parser.add_argument("--json-out", default=None, help="write the score JSON here")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="warn instead of failing on missing/duplicate/unknown ids")
+    parser.add_argument("--cider-only", action="store_true",
+                        help="coco: skip BLEU-4/METEOR/ROUGE-L (METEOR starts a slow 2 GB Java process)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    payload = score_task(args.task, args.annotation_file, args.result_file, args.question_file,
+                         args.compat, args.allow_partial, args.cider_only)
+    extra = ""
+    if args.task == "coco" and not args.cider_only:
+        extra = "  " + "  ".join(f"{k}={payload[k]:.2f}" for k in ("bleu4", "meteor", "rouge_l"))
+    print(f"{args.task}: {payload['metric']} = {payload['score']:.2f} "
+          f"(n={payload['num_samples']}, compat={args.compat}){extra}")
+    if args.json_out:
+        _write_json_atomic(args.json_out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
