@@ -68,7 +68,9 @@ def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type: str =
                         "pip install 'llava-sculpt[quant]' (or pip install bitsandbytes)") from None
     from transformers import BitsAndBytesConfig
 
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    # transformers 5 matches these from the start of the module name (or as a suffix): list both the
+    # top-level names of older layouts and the `model.`-prefixed ones of LlavaForConditionalGeneration.
+    skip = ["vision_tower", "multi_modal_projector", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype,
                                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_type=quant_type,
