@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("llava_sculpt.model.tiny", "build the embedded tiny LLaVA-1.5-shaped model and synthetic data"),
     "convert": ("llava_sculpt.model.convert", "convert an original LLaVA-1.5 checkpoint to Hugging Face format"),
     "merge": ("llava_sculpt.merge", "merge a trained adapter (+ projector) into a plain HF checkpoint"),
+    "sparse-adapter": ("llava_sculpt.methods.sparse_adapter", "pack / unpack the sparse LoRASculpt adapter format"),
     "report": ("llava_sculpt.report", "plot per-layer sparsity of a LoRASculpt run against Theorem 3.1"),
     "prepare": ("llava_sculpt.data.prepare.cli", "convert a raw benchmark into training JSON / question JSONL"),
     "generate": ("llava_sculpt.eval.generate", "batched, resumable answer generation (LLaVA model_vqa_loader flags)"),

@@ -111,8 +111,8 @@ def frobenius_sq_norm(weight_or_chunk_fn: torch.Tensor | WeightChunkFn, out_feat
     total = 0.0
     with torch.no_grad():
         for start in range(0, out_features, chunk_rows):
-            chunk = rows(start, min(start + chunk_rows, out_features))
-            total += float(chunk.to(torch.float64).square().sum())
+            chunk = rows(start, min(start + chunk_rows, out_features)).to(torch.float64).reshape(-1)
+            total += float(torch.dot(chunk, chunk))  # float64 dot: no extra [rows, in] buffer
     if not math.isfinite(total):
         raise ValueError("frobenius_sq_norm: the weight contains inf/nan or entries too large to square in "
                          "float64 (|w| > ~1e150); the retention mask (paper Eq. 6) needs a finite norm")
@@ -172,7 +172,8 @@ class _ChunkedCMR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lora_A, lora_B, weight, rows, norm, omega, eps, chunk_rows, kind):
         dtype = _compute_dtype(lora_A.dtype, lora_B.dtype)
-        ctx.save_for_backward(lora_A, lora_B, *( [weight] if weight is not None else []))
+        # references only (no copies); saving W too makes autograd detect an in-place change before backward
+        ctx.save_for_backward(lora_A, lora_B, *([weight] if weight is not None else []))
         ctx.rows, ctx.norm, ctx.omega, ctx.eps, ctx.chunk_rows, ctx.kind = rows, norm, omega, eps, chunk_rows, kind
         out_features = lora_B.shape[0]
         a = lora_A.detach().to(dtype)  # [r, in]
@@ -180,7 +181,7 @@ class _ChunkedCMR(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(lora_A.device.type, enabled=False):
             for start in range(0, out_features, chunk_rows):
                 end = min(start + chunk_rows, out_features)
-                m = _mask_rows(rows(start, end), norm, omega, eps, dtype)    # [rows, in]
+                m = _mask_rows(rows(start, end).to(a.device), norm, omega, eps, dtype)  # [rows, in]
                 p = (lora_B.detach()[start:end].to(dtype) @ a).mul_(m)       # P rows, [rows, in]
                 total += float(p.square_().sum() if kind == "fro" else p.abs_().sum())
                 del m, p
@@ -206,7 +207,7 @@ class _ChunkedCMR(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(lora_A.device.type, enabled=False):
             for start in range(0, out_features, ctx.chunk_rows):
                 end = min(start + ctx.chunk_rows, out_features)
-                m = _mask_rows(ctx.rows(start, end), ctx.norm, ctx.omega, ctx.eps, dtype)
+                m = _mask_rows(ctx.rows(start, end).to(a.device), ctx.norm, ctx.omega, ctx.eps, dtype)
                 b = lora_B.detach()[start:end].to(dtype)                       # [rows, r]
                 ba = b @ a                                                      # [rows, in]
                 if ctx.kind == "fro":

@@ -1,0 +1,330 @@
+"""LoRASculpt (Liang et al., CVPR 2025): sparse LoRA after a warm-up + Conflict Mitigation Regularizer.
+
+    L = L_task + lambda * mean_{l in q,k,v} ||M_l * (B_l A_l)||_F                 (paper Eq. 8-9)
+              [+ beta * sum_{l in projector} ||M_l * (B_l A_l)||_1]             (Eq. 10-11, --sculpt_connector)
+    M = tanh(omega * |1 / log(|W / ||W||_F| + eps)|)                            (Eq. 6-7)
+    after `--sculpt_step` optimizer steps, once:  A <- M_A * A,  B <- M_B * B     (Eq. 2-3)
+    with M_A, M_B keeping the top s_A, s_B fraction of |A|, |B| (every LM LoRA matrix separately).
+
+How it is wired (no change to the training loop):
+* Pruned entries stay exactly zero because their gradients are masked (a tensor hook on each LoRA
+  parameter) and their Adam moments are zeroed once at the pruning step: AdamW then moves them by exactly 0
+  (m = v = 0 -> update 0; decoupled weight decay of 0 is 0).  The masks are computed once, saved in every
+  checkpoint (`method_state.safetensors`) and restored on resume.
+* The CMR never keeps M, B A or M * (B A) alive: its value and its gradients w.r.t. A and B are computed
+  chunk by chunk (`sculpt_ops.cmr_penalty`, extra memory O(chunk * in)) right after the forward pass, and
+  the gradients are added by the same tensor hooks during backward.  A scalar "carrier" added to the loss
+  tells the hooks the factor the loss is multiplied by in backward (1/gradient-accumulation, fp16 loss
+  scale), so the update equals that of adding the differentiable penalty to the loss.  This works the same
+  without DeepSpeed and under ZeRO-2/3; under ZeRO-3 each target layer's W, A and B are gathered for the
+  computation (one extra all-gather of the q/k/v weights per optimizer step; the CMR is computed once per
+  optimizer step and reused by the accumulated micro-batches, since A and B do not change in between).
+* 4-bit base (QLoRA): W is dequantised per row chunk.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_sculpt.errors import UserError
+from llava_sculpt.methods.base import FineTuningMethod, RunContext
+from llava_sculpt.methods.lora import inject_lora
+from llava_sculpt.methods.sculpt_ops import (cmr_l1_penalty, cmr_penalty, frobenius_sq_norm, prune_to_topk,
+                                             sparsity_stats, write_sparsity_json)
+
+__all__ = ["SculptArguments", "SculptMethod", "cmr_penalty", "prune_to_topk"]
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class SculptArguments:
+    sculpt_ratio: float = field(default=0.1, metadata={"help": "LoRASculpt: fraction of entries KEPT in every LoRA "
+                                "matrix at the pruning step (s_A = s_B; Eq. 3; authors' default 0.1)"})
+    sculpt_ratio_a: float | None = field(default=None, metadata={"help": "LoRASculpt: s_A for the A matrices "
+                                         "(default --sculpt_ratio)"})
+    sculpt_ratio_b: float | None = field(default=None, metadata={"help": "LoRASculpt: s_B for the B matrices "
+                                         "(default --sculpt_ratio)"})
+    sculpt_step: int = field(default=100, metadata={"help": "LoRASculpt: prune once after this many optimizer "
+                             "steps (authors' STEP_THRESHOLD 100)"})
+    cmr_lambda: float = field(default=1e-3, metadata={"help": "LoRASculpt: weight of the CMR (alpha of Eq. 9)"})
+    cmr_omega: float = field(default=1.0, metadata={"help": "LoRASculpt: steepness omega of the retention mask (Eq. 7)"})
+    cmr_targets: str = field(default="q_proj,k_proj,v_proj", metadata={"help": "LoRASculpt: LM layers the CMR "
+                             "regularises (comma-separated names)"})
+    sculpt_connector: bool = field(default=False, metadata={"help": "LoRASculpt: LoRA on the projector's two "
+                                   "linears instead of full fine-tuning, with the L1 CMR of Eq. 10 (no pruning)"})
+    cmr_beta: float = field(default=1e-5, metadata={"help": "LoRASculpt: weight beta of the connector CMR (Eq. 11)"})
+    cmr_chunk_rows: int = field(default=256, metadata={"help": "LoRASculpt: rows per chunk of the CMR "
+                                "computation (memory/speed trade-off; the value does not change results)"})
+
+
+@dataclass
+class _Layer:
+    name: str  # module name inside the PEFT model
+    module: torch.nn.Module  # PEFT LoRA layer
+    kind: str  # "lm" or "connector"
+
+    @property
+    def lora_A(self) -> torch.nn.Parameter:
+        return self.module.lora_A[ADAPTER_NAME].weight
+
+    @property
+    def lora_B(self) -> torch.nn.Parameter:
+        return self.module.lora_B[ADAPTER_NAME].weight
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.module.get_base_layer().weight
+
+
+def _is_zero3(param) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _gathered(params, modify: bool = False):
+    """Gather ZeRO-3 partitioned parameters for the duration of the block (no-op otherwise)."""
+    if not any(_is_zero3(p) for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+
+
+def _uses_deepspeed(trainer) -> bool:
+    return trainer is not None and getattr(trainer, "is_deepspeed_enabled", False)
+
+
+def _weight_rows_fn(weight):
+    """(start, end) -> dequantised rows of a bitsandbytes 4-bit weight, or None for a plain tensor."""
+    if type(weight).__name__ != "Params4bit":
+        return None
+    import bitsandbytes.functional as bnbf
+
+    state = weight.quant_state
+    out_features, in_features = state.shape
+    absmax = state.absmax
+    if state.nested:  # double quantisation: the block scales are themselves quantised
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    block = state.blocksize
+    if in_features % block:
+        full = bnbf.dequantize_4bit(weight.data, state)
+        return lambda start, end: full[start:end]
+    packed = weight.data.reshape(-1)
+
+    def rows(start: int, end: int) -> torch.Tensor:
+        # nf4/fp4 pack two values per byte, row-major, with one scale per `block` values: rows
+        # [start, end) are bytes [start*in/2, end*in/2) and scales [start*in/block, end*in/block).
+        lo, hi = start * in_features, end * in_features
+        part = packed[lo // 2:hi // 2].reshape(-1, 1)
+        chunk_state = bnbf.QuantState(absmax=absmax[lo // block:hi // block].float(), shape=torch.Size((end - start, in_features)),
+                                      code=state.code, blocksize=block, quant_type=state.quant_type, dtype=state.dtype)
+        return bnbf.dequantize_4bit(part, chunk_state)
+    return rows
+
+
+class SculptMethod(FineTuningMethod):
+    name = "sculpt"
+    flags_class = SculptArguments
+
+    def __init__(self, flags: SculptArguments | None = None):
+        super().__init__(flags or SculptArguments())
+        f = self.flags
+        self.ratio_a = f.sculpt_ratio if f.sculpt_ratio_a is None else f.sculpt_ratio_a
+        self.ratio_b = f.sculpt_ratio if f.sculpt_ratio_b is None else f.sculpt_ratio_b
+        for flag, value in (("--sculpt_ratio_a", self.ratio_a), ("--sculpt_ratio_b", self.ratio_b)):
+            if not 0 < value <= 1:
+                raise UserError(f"{flag} (or --sculpt_ratio) must be in (0, 1]: the fraction of entries kept; got {value}")
+        if f.sculpt_step < 0:
+            raise UserError(f"--sculpt_step must be >= 0, got {f.sculpt_step}")
+        self.cmr_targets = tuple(t.strip() for t in f.cmr_targets.split(",") if t.strip())
+        self.trains_projector = not f.sculpt_connector  # the connector variant trains LoRA on it instead
+        self.layers: list[_Layer] = []
+        self.param_names: dict[int, str] = {}  # id(param) -> name, for the masks
+        self.masks: dict[str, torch.Tensor] = {}  # param name -> bool keep-mask (empty before pruning)
+        self.pruned_at_step: int | None = None
+        self._weight_sq_norms: dict[str, float] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # id(param) -> CMR gradient of this optimizer step
+        self._pending_step: int | None = None
+        self._pending_value: float = 0.0
+        self._multiplier = 0.0  # d(loss as backpropagated)/d(penalty), from the carrier's hook
+        self._run: RunContext | None = None
+
+    # ------------------------------------------------------------------------------------------- setup
+    def inject(self, model, run: RunContext):
+        from peft.tuners.lora import LoraLayer
+
+        self._run = run
+        model = inject_lora(model, run, include_projector=self.flags.sculpt_connector)
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+                continue
+            kind = "connector" if "multi_modal_projector" in name else "lm"
+            layer = _Layer(name, module, kind)
+            self.layers.append(layer)
+            for suffix, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                self.param_names[id(param)] = f"{name}.{suffix}"
+                param.register_hook(self._make_grad_hook(param))
+        if not any(self._is_cmr_target(l) for l in self.layers):
+            raise UserError(f"--cmr_targets {self.flags.cmr_targets}: no adapted language-model layer has one of "
+                            f"these names")
+        return model
+
+    def _is_cmr_target(self, layer: _Layer) -> bool:
+        return layer.kind == "lm" and layer.name.rsplit(".", 1)[-1] in self.cmr_targets
+
+    def _make_grad_hook(self, param):
+        key = id(param)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            extra = self._pending.get(key)
+            if extra is not None and self._multiplier:
+                grad = grad + (self._multiplier * extra).to(grad.dtype)
+            mask = self.masks.get(self.param_names[key])
+            if mask is not None:  # pruned entries get exactly zero gradient (Eq. 2 kept for all later steps)
+                grad = grad * mask.to(device=grad.device, dtype=grad.dtype)
+            return grad
+        return hook
+
+    # ------------------------------------------------------------------------------------------- loss
+    def _penalty(self, layer: _Layer, kind: str) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(value, d value / dA, d value / dB) of the layer's CMR, computed chunk-wise and not kept."""
+        A, B, W = layer.lora_A, layer.lora_B, layer.weight
+        with _gathered([A, B, W]):
+            rows_fn = _weight_rows_fn(W)
+            if layer.name not in self._weight_sq_norms:  # W is frozen: its norm is computed once
+                self._weight_sq_norms[layer.name] = frobenius_sq_norm(rows_fn if rows_fn else W.detach(),
+                                                                      B.shape[0])
+            a = A.detach().float().requires_grad_(True)
+            b = B.detach().float().requires_grad_(True)
+            fn = cmr_penalty if kind == "fro" else cmr_l1_penalty
+            with torch.enable_grad():
+                value = fn(None if rows_fn else W.detach(), a, b, omega=self.flags.cmr_omega,
+                           chunk_rows=self.flags.cmr_chunk_rows, weight_chunk_fn=rows_fn,
+                           weight_sq_norm=self._weight_sq_norms[layer.name])
+                grad_a, grad_b = torch.autograd.grad(value, (a, b))
+        return float(value.detach()), grad_a, grad_b
+
+    def _compute_pending(self) -> None:
+        self._pending.clear()
+        lm = [l for l in self.layers if self._is_cmr_target(l)]
+        con = [l for l in self.layers if l.kind == "connector"]
+        total = 0.0
+        for layers, kind, weight in ((lm, "fro", self.flags.cmr_lambda / len(lm)), (con, "l1", self.flags.cmr_beta)):
+            for layer in layers:  # lambda * mean over q/k/v layers (Eq. 9); beta * sum over the connector (Eq. 11)
+                value, grad_a, grad_b = self._penalty(layer, kind)
+                total += weight * value
+                self._pending[id(layer.lora_A)] = weight * grad_a
+                self._pending[id(layer.lora_B)] = weight * grad_b
+        self._pending_value = total
+
+    def extra_loss(self, model) -> torch.Tensor | None:
+        step = self._run.trainer.state.global_step if self._run and self._run.trainer else None
+        if step is None or step != self._pending_step:  # A, B change only at optimizer steps
+            self._compute_pending()
+            self._pending_step = step
+        self._multiplier = 0.0
+        carrier = torch.zeros((), requires_grad=True)
+
+        def record(grad):
+            self._multiplier = float(grad)
+            return grad
+        carrier.register_hook(record)
+        # value of the penalty for the reported loss; gradient 0 * ... + 1 through the carrier
+        return (carrier - carrier.detach()) + self._pending_value
+
+    # ------------------------------------------------------------------------------------------- pruning
+    def on_train_begin(self, model, run: RunContext) -> None:
+        self._run = run
+        state = run.trainer.state
+        if self.masks:
+            print(f"LoRASculpt: resumed with the masks of step {self.pruned_at_step}")
+        elif state.max_steps and state.max_steps <= self.flags.sculpt_step:
+            print(f"warning: LoRASculpt prunes after --sculpt_step {self.flags.sculpt_step} optimizer steps, but this "
+                  f"run has only {state.max_steps}: the adapters will stay dense")
+        if not self.masks and self.flags.sculpt_step == 0 and state.global_step == 0:
+            self.prune(run)
+
+    def after_optimizer_step(self, model, step: int, run: RunContext) -> None:
+        if step == self.flags.sculpt_step and not self.masks:
+            self.prune(run)
+
+    @torch.no_grad()
+    def prune(self, run: RunContext) -> None:
+        """Eq. 2-3, once: top-k masks of every LM LoRA matrix from its current (fp32 master) values; zero the
+        pruned entries in the parameter and in the optimizer's moments."""
+        trainer = run.trainer
+        use_ds = _uses_deepspeed(trainer)
+        if use_ds:
+            from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                         safe_set_full_fp32_param, safe_set_full_optimizer_state)
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer) if trainer is not None else None
+        for layer in self.layers:
+            if layer.kind != "lm":
+                continue  # the connector is sparsified softly by its L1 CMR only (Eq. 10)
+            for param, ratio in ((layer.lora_A, self.ratio_a), (layer.lora_B, self.ratio_b)):
+                name = self.param_names[id(param)]
+                if use_ds:
+                    full = safe_get_full_fp32_param(param)
+                else:
+                    with _gathered([param]):
+                        full = param.detach().float().clone()
+                mask = prune_to_topk(full, ratio).cpu()
+                self.masks[name] = mask
+                keep = mask.to(device=full.device, dtype=full.dtype)
+                with _gathered([param], modify=True):
+                    param.data.mul_(keep.to(device=param.device, dtype=param.dtype))
+                if use_ds:
+                    safe_set_full_fp32_param(param, full * keep)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        moment = safe_get_full_optimizer_state(param, key)
+                        if moment is not None:
+                            safe_set_full_optimizer_state(param, moment * keep.to(moment.device), key)
+                elif optimizer is not None:
+                    for value in optimizer.state.get(param, {}).values():
+                        if torch.is_tensor(value) and value.shape == param.shape:
+                            value.mul_(keep.to(device=value.device, dtype=value.dtype))
+        self.pruned_at_step = trainer.state.global_step if trainer is not None else 0
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(m.numel() for m in self.masks.values())
+        print(f"LoRASculpt: pruned {len(self.masks)} LoRA matrices at step {self.pruned_at_step}, "
+              f"keeping {kept}/{total} entries ({kept / max(total, 1):.4f})")
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.masks:
+            return {}
+        state = {f"mask/{name}": mask for name, mask in self.masks.items()}
+        state["pruned_at_step"] = torch.tensor(self.pruned_at_step)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.masks = {k[len("mask/"):]: v.bool() for k, v in state.items() if k.startswith("mask/")}
+        if self.masks:
+            self.pruned_at_step = int(state["pruned_at_step"])
+            unknown = set(self.masks) - set(self.param_names.values())
+            if self.param_names and unknown:
+                raise UserError(f"method_state.safetensors holds masks for parameters this model does not have "
+                                f"(e.g. {sorted(unknown)[:2]}); resume with the same model and LoRA flags")
+
+    # ------------------------------------------------------------------------------------------- reports
+    def post_training(self, run_dir: str, model, run: RunContext) -> None:
+        """sparsity.json (Theorem 3.1 / Fig. 5) and the sparse adapter, from the saved (gathered) adapter."""
+        from safetensors.torch import load_file
+
+        from llava_sculpt.methods.sparse_adapter import save_sparse_adapter
+
+        adapter = load_file(os.path.join(run_dir, "adapter_model.safetensors"))
+        pairs = {}
+        for key in adapter:
+            if ".lora_A." in key and "multi_modal_projector" not in key:
+                module = key.split(".lora_A.")[0]
+                pairs[module] = (adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")])
+        stats = sparsity_stats(pairs, self.ratio_a, self.ratio_b)
+        meta = {"rank": run.training_args.lora_r, "pruned_at_step": self.pruned_at_step,
+                "sculpt_step": self.flags.sculpt_step}
+        write_sparsity_json(os.path.join(run_dir, "sparsity.json"), stats, {"s_A": self.ratio_a, "s_B": self.ratio_b, **meta})
+        if self.masks:
+            save_sparse_adapter(adapter, os.path.join(run_dir, "adapter_sparse.safetensors"))

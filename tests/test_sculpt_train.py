@@ -1,0 +1,222 @@
+"""LoRASculpt in training: exact sparsity kept under gradient accumulation, CMR gradients equal to the dense
+autograd penalty, ZeRO-2/3 and resume reproduce the plain run, connector variant, 4-bit base, exports."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import load_safetensors, logged_losses, run_train, run_train_subprocess
+from test_deepspeed_quant import zero_config
+
+SCULPT = ["--method", "sculpt", "--sculpt_step", "2", "--cmr_lambda", "0.5"]
+
+
+def lm_lora(adapter: dict) -> dict:
+    return {k: v for k, v in adapter.items() if "lora_" in k and "multi_modal_projector" not in k}
+
+
+def masks_of(run_dir) -> dict:
+    state = load_safetensors(run_dir / "method_state.safetensors")
+    return {k: v for k, v in state.items() if k.startswith("mask/")}
+
+
+@pytest.fixture(scope="module")
+def sculpt_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sculpt") / "run"
+    assert run_train(tiny_dir, out, *SCULPT, "--gradient_accumulation_steps", "2", "--save_strategy", "steps",
+                     "--save_steps", "2", steps=5) == 0
+    return out
+
+
+def test_exactly_k_nonzeros_at_fixed_positions(sculpt_run):
+    final = lm_lora(load_safetensors(sculpt_run / "adapter_model.safetensors"))
+    at_prune = lm_lora(load_safetensors(sculpt_run / "checkpoint-2" / "adapter_model.safetensors"))
+    masks = masks_of(sculpt_run)
+    assert len(final) == 28 and len(masks) == 28  # 14 adapted layers x (A, B)
+    for key, value in final.items():
+        k = int(value.numel() * 0.1)
+        assert int(torch.count_nonzero(value)) == k, key
+        assert torch.equal(value != 0, at_prune[key] != 0), key  # same positions 3 steps later
+        assert not torch.equal(value, at_prune[key]), key  # ... while the kept entries kept training
+    assert torch.equal(torch.stack([m.sum() for m in masks.values()]),
+                       torch.stack([torch.tensor(int(v.numel() * 0.1)) for v in final.values()]))
+
+
+def test_sparsity_json_and_sparse_export(sculpt_run):
+    from llava_sculpt.methods.sculpt_ops import theorem31_bound
+    from llava_sculpt.methods.sparse_adapter import load_sparse_adapter, save_sparse_adapter
+
+    report = json.loads((sculpt_run / "sparsity.json").read_text())
+    adapter = load_safetensors(sculpt_run / "adapter_model.safetensors")
+    assert len(report["layers"]) == 14
+    for module, entry in report["layers"].items():
+        A = adapter[f"{module}.lora_A.weight"]
+        B = adapter[f"{module}.lora_B.weight"]
+        assert entry["density_A"] == int(torch.count_nonzero(A)) / A.numel()
+        assert entry["density_BA"] == int(torch.count_nonzero(B @ A)) / (B.shape[0] * A.shape[1])
+        assert entry["bound"] == pytest.approx(theorem31_bound(0.1, 0.1, 4))
+    restored = load_sparse_adapter(str(sculpt_run / "adapter_sparse.safetensors"))
+    assert set(restored) == set(adapter)
+    assert all(torch.equal(restored[k], adapter[k]) and restored[k].dtype == adapter[k].dtype for k in adapter)
+
+
+def test_sparse_format_is_5x_smaller_at_ratio_01(tmp_path):
+    from safetensors.torch import save_file
+
+    from llava_sculpt.methods.sculpt_ops import prune_to_topk
+    from llava_sculpt.methods.sparse_adapter import load_sparse_adapter, save_sparse_adapter
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(4):  # 7B-like q_proj adapters at r = 32
+        for name, shape in (("lora_A", (32, 4096)), ("lora_B", (4096, 32))):
+            t = torch.randn(shape, generator=g)
+            state[f"layers.{i}.q_proj.{name}.weight"] = t * prune_to_topk(t, 0.1)
+    save_file(state, tmp_path / "dense.safetensors")
+    save_sparse_adapter(state, str(tmp_path / "sparse.safetensors"))
+    ratio = (tmp_path / "dense.safetensors").stat().st_size / (tmp_path / "sparse.safetensors").stat().st_size
+    assert ratio >= 5.0, ratio
+    back = load_sparse_adapter(str(tmp_path / "sparse.safetensors"))
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_merged_sculpt_logits_equal_unmerged(sculpt_run, tiny_dir, tmp_path, tiny_processor):
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_sculpt.merge import merge_run
+    from llava_sculpt.model.load import load_for_inference
+    from test_train import sample_inputs
+
+    inputs = sample_inputs(tiny_processor, tiny_dir)
+    unmerged, _ = load_for_inference(str(sculpt_run), str(tiny_dir / "model"))
+    merge_run(str(sculpt_run), str(tmp_path / "merged"), str(tiny_dir / "model"))
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(unmerged(**inputs).logits, merged(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_peft(tiny_dir, method=None):
+    from llava_sculpt.methods.base import RunContext
+    from llava_sculpt.methods.lora import inject_lora
+    from llava_sculpt.model.load import load_base_model
+
+    torch.manual_seed(0)
+    model = load_base_model(str(tiny_dir / "model"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    run = RunContext(None, None, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none",
+                                                 process_index=0))
+    torch.manual_seed(1)
+    model = method.inject(model, run) if method else inject_lora(model, run)
+    with torch.no_grad():  # B != 0 so that the penalty and its gradients are not trivially zero
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, accumulation):
+    """The hook-injected CMR gradient equals adding lambda * mean ||M*(BA)||_F (dense, autograd) to the loss."""
+    from llava_sculpt.methods.sculpt import SculptArguments, SculptMethod
+    from llava_sculpt.methods.sculpt_ops import cmr_penalty_dense
+    from test_train import sample_inputs
+
+    lam = 0.7
+    inputs = sample_inputs(tiny_processor, tiny_dir)
+    inputs["labels"] = inputs["input_ids"].clone()
+    method = SculptMethod(SculptArguments(cmr_lambda=lam, cmr_chunk_rows=5))
+    hooked = _tiny_peft(tiny_dir, method)
+    method._run = None
+    loss = (hooked(**inputs).loss + method.extra_loss(hooked)) / accumulation
+    loss.backward()
+    reference = _tiny_peft(tiny_dir)
+    penalties = []
+    for name, module in reference.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj")) and "language_model" in name and hasattr(module, "lora_A"):
+            penalties.append(cmr_penalty_dense(module.base_layer.weight.double(), module.lora_A["default"].weight.double(),
+                                               module.lora_B["default"].weight.double()))
+    assert len(penalties) == 6
+    ref_loss = (reference(**inputs).loss + lam * torch.stack(penalties).mean().float()) / accumulation
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    got = {n: p.grad for n, p in hooked.named_parameters() if p.requires_grad}
+    ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(got) == set(ref) and len(got) == 28
+    for name in got:
+        assert torch.allclose(got[name], ref[name], atol=1e-6, rtol=1e-4), name
+    # the CMR really contributes on the q/k/v adapters
+    plain = _tiny_peft(tiny_dir)
+    (plain(**inputs).loss / accumulation).backward()
+    qa = next(n for n in got if "q_proj.lora_A" in n)
+    assert not torch.allclose(dict(plain.named_parameters())[qa].grad, got[qa], atol=1e-6)
+
+
+def test_resume_before_and_after_pruning_reproduces_run(tiny_dir, tmp_path):
+    args = [*SCULPT, "--sculpt_step", "3", "--save_strategy", "steps", "--save_steps", "2"]
+    full = tmp_path / "full"
+    assert run_train(tiny_dir, full, *args, steps=6) == 0
+    for ckpt in ("checkpoint-2", "checkpoint-4"):  # before and after the pruning step
+        resumed = tmp_path / f"from-{ckpt}"
+        resumed.mkdir()
+        shutil.copytree(full / ckpt, resumed / ckpt)
+        assert run_train(tiny_dir, resumed, *args, steps=6) == 0
+        assert logged_losses(resumed)[-2:] == logged_losses(full)[-2:], ckpt
+        a, b = load_safetensors(full / "adapter_model.safetensors"), load_safetensors(resumed / "adapter_model.safetensors")
+        for k in a:
+            assert torch.equal(a[k] != 0, b[k] != 0), (ckpt, k)
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (ckpt, k)
+        assert all(torch.equal(masks_of(full)[k], masks_of(resumed)[k]) for k in masks_of(full))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_same_masks_and_losses_as_plain(stage, tiny_dir, tmp_path):
+    plain = tmp_path / "plain"
+    assert run_train(tiny_dir, plain, *SCULPT, steps=4) == 0
+    out = tmp_path / f"zero{stage}"
+    proc = run_train_subprocess(tiny_dir, out, *SCULPT, "--deepspeed", zero_config(tmp_path, stage), steps=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoRASculpt: pruned 28 LoRA matrices at step 2" in proc.stdout
+    assert logged_losses(out) == pytest.approx(logged_losses(plain), rel=1e-5, abs=1e-6)
+    ref, got = masks_of(plain), masks_of(out)
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    a, b = load_safetensors(plain / "adapter_model.safetensors"), load_safetensors(out / "adapter_model.safetensors")
+    for k in a:
+        assert torch.equal(a[k] != 0, b[k] != 0), k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_connector_variant(tiny_dir, tmp_path):
+    out = tmp_path / "connector"
+    assert run_train(tiny_dir, out, *SCULPT, "--sculpt_connector", "True", "--cmr_beta", "0.1", steps=3) == 0
+    adapter = load_safetensors(out / "adapter_model.safetensors")
+    projector = {k: v for k, v in adapter.items() if "multi_modal_projector" in k}
+    assert len(projector) == 4  # LoRA A and B on linear_1 and linear_2
+    assert not (out / "mm_projector.safetensors").exists()  # projector not fully trained
+    assert all(int(torch.count_nonzero(v)) > int(v.numel() * 0.1) for k, v in projector.items() if "lora_A" in k)
+    assert all(int(torch.count_nonzero(v)) == int(v.numel() * 0.1) for v in lm_lora(adapter).values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_four_bit_base_chunked_dequantisation_and_training(tiny_dir, tmp_path):
+    import bitsandbytes.functional as bnbf
+
+    from llava_sculpt.methods.sculpt import _weight_rows_fn
+    from llava_sculpt.model.load import load_base_model
+
+    model = load_base_model(str(tiny_dir / "model"), bits=4)
+    weight = model.model.language_model.layers[0].mlp.gate_proj.weight  # [128, 64]
+    full = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    rows = _weight_rows_fn(weight)
+    assert torch.equal(torch.cat([rows(0, 5), rows(5, 77), rows(77, 128)]), full)
+    out = tmp_path / "q"
+    assert run_train(tiny_dir, out, *SCULPT, "--bits", "4", steps=3) == 0
+    adapter = lm_lora(load_safetensors(out / "adapter_model.safetensors"))
+    assert all(int(torch.count_nonzero(v)) == int(v.numel() * 0.1) for v in adapter.values())
