@@ -1,0 +1,88 @@
+"""Tests of `llava-sculpt report` (llava_sculpt/report.py): a real sparsity.json in, a valid PNG out."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.methods.sculpt_ops import prune_to_topk, sparsity_stats, write_sparsity_json
+from llava_sculpt.report import load_sparsity, main, split_module_name
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_dir(tmp_path, n_layers=3):
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    prefix = "base_model.model.model.language_model.layers"
+    for i in range(n_layers):
+        for sub, kind, (out, inp) in [("self_attn", "q", (48, 48)), ("self_attn", "k", (48, 48)),
+                                      ("self_attn", "v", (48, 48)), ("self_attn", "o", (48, 48)),
+                                      ("mlp", "gate", (96, 48)), ("mlp", "up", (96, 48)), ("mlp", "down", (48, 96))]:
+            a = torch.randn(8, inp, generator=g)
+            b = torch.randn(out, 8, generator=g)
+            pairs[f"{prefix}.{i}.{sub}.{kind}_proj"] = (a * prune_to_topk(a, 0.3), b * prune_to_topk(b, 0.3))
+    a = torch.randn(8, 32, generator=g)
+    pairs["base_model.model.model.multi_modal_projector.linear_1"] = (a, torch.randn(48, 8, generator=g))
+    write_sparsity_json(tmp_path / "sparsity.json", sparsity_stats(pairs, 0.3, 0.3), {"s_A": 0.3, "s_B": 0.3,
+                                                                                      "rank": 8, "step": 100})
+    return tmp_path
+
+
+def test_report_writes_a_png(tmp_path, capsys):
+    run_dir = _run_dir(tmp_path)
+    assert main([str(run_dir)]) == 0
+    png = run_dir / "sparsity.png"
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 20_000
+    import matplotlib.image
+    pixels = matplotlib.image.imread(str(png))
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600 and float(pixels[..., :3].std()) > 0.01
+    out = capsys.readouterr().out
+    assert f"wrote {png}" in out and "21 plotted" in out and "multi_modal_projector.linear_1" in out
+    assert sorted(os.listdir(run_dir)) == ["sparsity.json", "sparsity.png"]  # no temp files left
+
+
+def test_report_out_flag_and_module_names(tmp_path):
+    (tmp_path / "run").mkdir()
+    run_dir = _run_dir(tmp_path / "run", n_layers=2)
+    target = tmp_path / "fig.png"
+    assert main([str(run_dir), "--out", str(target)]) == 0
+    assert target.read_bytes().startswith(PNG_MAGIC)
+    assert split_module_name("model.language_model.layers.12.mlp.gate_proj") == (12, "gate")
+    assert split_module_name("model.layers.0.self_attn.o_proj.lora_A") == (0, "o")
+    assert split_module_name("model.multi_modal_projector.linear_2") == (None, None)
+
+
+def test_report_missing_file_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="sparsity.json: file not found"):
+        main([str(tmp_path)])
+    assert run_cli(main, [str(tmp_path)]) == 2
+    assert str(tmp_path / "sparsity.json") in capsys.readouterr().err.replace("\n  ", " ")
+    with pytest.raises(UserError, match="not a directory"):
+        main([str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("content,field", [("{not json", "line 1"), ("[]", "JSON object"),
+                                           ('{"s_A": 0.1, "s_B": 0.1, "rank": 32}', "'layers'"),
+                                           ('{"s_A": "x", "s_B": 0.1, "rank": 32, "layers": {}}', "'s_A'"),
+                                           ('{"s_A": 0.1, "s_B": 0.1, "rank": 32, "layers": {"m": {"bound": 0.2}}}',
+                                            "density_BA")])
+def test_report_malformed_file_names_file_and_field(tmp_path, content, field):
+    path = tmp_path / "sparsity.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_sparsity(str(path))
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_report_as_a_module_command(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "llava_sculpt.report", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "sparsity.json" in proc.stderr and "Traceback" not in proc.stderr
