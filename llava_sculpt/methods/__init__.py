@@ -4,8 +4,9 @@ from __future__ import annotations
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import LoRAMethod
+from llava_sculpt.methods.sculpt import SculptMethod
 
-METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod,)}
+METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod)}
 
 
 def get_method_class(name: str) -> type[FineTuningMethod]:
