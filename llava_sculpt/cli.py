@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("llava_sculpt.data.prepare.cli", "convert a raw benchmark into training JSON / question JSONL"),
     "generate": ("llava_sculpt.eval.generate", "batched, resumable answer generation (LLaVA model_vqa_loader flags)"),
     "score": ("llava_sculpt.eval.score", "score an answers file with the benchmark's official metric"),
+    "eval": ("llava_sculpt.eval.run_benchmark", "generate + score benchmarks from their eval/ specs into a run directory"),
     "table": ("llava_sculpt.eval.table", "collect scores of runs into the paper's Table 1 layout"),
 }
 

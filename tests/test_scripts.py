@@ -40,3 +40,17 @@ def test_finetune_lora_iconqa_script_on_tiny_model(tiny_dir, tmp_path):
     assert args["lr_scheduler_type"] == "cosine" and args["warmup_steps"] == 0.03
     assert args["gradient_checkpointing"] is True and args["group_by_modality_length"] is True
     assert (out / "training_complete.json").is_file()
+
+
+def test_finetune_sculpt_coco_script_on_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "sculpt"
+    env = script_env(MODEL_BASE=tiny_dir / "model", DATA_PATH=tiny_dir / "data" / "train.json",
+                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, RANK=8)
+    proc = subprocess.run(["bash", "scripts/finetune_sculpt_coco.sh", "--max_steps", "3", "--sculpt_step", "1",
+                           "--per_device_train_batch_size", "2", "--disable_tqdm", "True"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "run_args.json").read_text())
+    assert record["method"] == "sculpt" and record["method_flags"]["sculpt_ratio"] == 0.1
+    assert record["method_flags"]["cmr_lambda"] == 1e-3 and record["method_flags"]["cmr_targets"] == "q_proj,k_proj,v_proj"
+    assert (out / "sparsity.json").is_file() and (out / "adapter_sparse.safetensors").is_file()

@@ -1,0 +1,285 @@
+"""Evaluate one model on benchmarks given by specs (eval/*.json): generate -> score, into a run directory.
+
+    python -m llava_sculpt.eval.run_benchmark BENCH [BENCH ...] --model-path MODEL --data-root DATA_ROOT
+        [--model-base BASE] [--eval-dir DIR (default MODEL/eval)] [--add-target] [--batch-size 8]
+        [--max-questions N] [--max-new-tokens N] [--conv-mode M] [--num-gpus N (default: all visible)]
+        [--dtype auto] [--image-aspect-ratio pad] [--compat official|paper]
+        [--method NAME] [--rank R] [--target iconqa|coco]
+
+BENCH is a spec file or a name in the spec folder (eval/okvqa.json -> "okvqa"); see llava_sculpt/eval/specs.py.
+Writes the run-dir layout `llava-sculpt table` reads:
+
+    DIR/run_meta.json         {"method", "rank", "target"}: --method/--rank/--target, else MODEL/run_args.json
+                              ("method", training_args.lora_r; the target from --target, the one target
+                              benchmark evaluated, or the training data path); "zero-shot" -> rank null
+    DIR/answers/{name}.jsonl  LLaVA answer lines (resumable: rerunning skips answered questions, and a
+                              benchmark whose answers are complete is only re-scored)
+    DIR/scores/{name}.json    `llava-sculpt score` JSON (+ "benchmark"; with --max-questions the scorer
+                              runs with --allow-partial on the answered subset)
+
+Generation: with 0 or 1 GPU the model is loaded once in this process and serves every benchmark.  With N > 1
+GPUs each benchmark runs as N `llava-sculpt generate` processes, one per GPU (CUDA_VISIBLE_DEVICES), on
+--num-chunks N --chunk-idx K; their files (DIR/answers/{name}.chunks/) are concatenated in chunk order.
+--add-target also evaluates the target benchmark (the spec named like the resolved target).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Sequence
+
+from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.eval.specs import BenchmarkSpec, find_spec, load_spec
+
+TARGET_TASKS = ("iconqa", "coco")
+
+
+# ------------------------------------------------------------------------------------------- run meta
+def _read_run_args(model_path: str) -> dict:
+    path = os.path.join(model_path, "run_args.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected the JSON object written by `llava-sculpt train`.")
+    return record
+
+
+def resolve_run_meta(model_path: str, method: str | None = None, rank: int | None = None,
+                     target: str | None = None, evaluated_targets: Sequence[str] = ()) -> dict:
+    """{"method", "rank", "target"} for run_meta.json; explicit values win over MODEL/run_args.json."""
+    from llava_sculpt.eval.table import method_key
+
+    run_args = _read_run_args(model_path)
+    source = os.path.join(model_path, "run_args.json")
+    method = method or run_args.get("method")
+    if not method:
+        raise UserError(f"{model_path} has no run_args.json (not a `llava-sculpt train` run): give the method "
+                        "(METHOD=lora / --method; METHOD=zero-shot for the base model), the rank (RANK / --rank) "
+                        "and the target (TARGET / --target).")
+    if method_key(method) == "zeroshot":
+        return {"method": "zero-shot", "rank": None, "target": target}
+    if rank is None:
+        rank = (run_args.get("training_args") or {}).get("lora_r")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise UserError(f"cannot find the LoRA rank of {model_path} (training_args.lora_r in {source}); "
+                            "give it as RANK / --rank.")
+    if target is None:
+        targets = sorted(set(evaluated_targets))
+        if len(targets) == 1:
+            target = targets[0]
+        else:
+            data_path = str((run_args.get("data_args") or {}).get("data_path") or "").lower()
+            found = [t for t in TARGET_TASKS if t in data_path]
+            if len(found) != 1:
+                raise UserError(f"cannot tell the target task of {model_path} (training data {data_path or 'unknown'}); "
+                                f"give it as TARGET / --target ({' or '.join(TARGET_TASKS)}).")
+            target = found[0]
+    if target not in TARGET_TASKS:
+        raise UserError(f"target must be one of {', '.join(TARGET_TASKS)}, got {target!r}.")
+    return {"method": method, "rank": int(rank), "target": target}
+
+
+def write_json_atomic(path: str, payload) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------- generation
+def visible_gpus(num_gpus: int) -> list[str]:
+    """Device ids for CUDA_VISIBLE_DEVICES of each chunk process (respecting an existing restriction)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(num_gpus)]
+    return (ids + [str(i) for i in range(len(ids), num_gpus)])[:num_gpus]
+
+
+def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
+    """Concatenate complete chunk answer files in chunk order into `out_file` (atomically)."""
+    directory = os.path.dirname(os.path.abspath(out_file))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for path in chunk_files:
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        os.replace(tmp, out_file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Generator:
+    """Generates the answers of one benchmark, in this process (model loaded once) or one process per GPU."""
+
+    def __init__(self, args):
+        self.args = args
+        self._model = None
+
+    def model(self):
+        if self._model is None:
+            from llava_sculpt.eval.generate import load_model
+
+            self._model = load_model(self.args.model_path, self.args.model_base, self.args.dtype)
+        return self._model
+
+    def run(self, spec: BenchmarkSpec, questions, answers_file: str) -> None:
+        from llava_sculpt.eval.generate import generate_answers, model_name, pending_questions
+
+        args = self.args
+        max_new_tokens = args.max_new_tokens or spec.max_new_tokens
+        conv_mode = args.conv_mode or spec.conv_mode
+        if not pending_questions(questions, answers_file):
+            print(f"{spec.name}: all {len(questions)} answers present in {answers_file}")
+            return
+        if args.num_gpus > 1 and not os.path.exists(answers_file):
+            self._run_chunked(spec, answers_file, max_new_tokens, conv_mode, len(questions))
+            return
+        model, processor = self.model()
+        generate_answers(model, processor, questions, answers_file, args.batch_size, spec.image_folder, conv_mode,
+                         args.image_aspect_ratio, max_new_tokens=max_new_tokens,
+                         model_id=model_name(args.model_path), progress=not args.no_progress)
+
+    def _run_chunked(self, spec: BenchmarkSpec, answers_file: str, max_new_tokens: int, conv_mode: str,
+                     num_questions: int) -> None:
+        args, n = self.args, self.args.num_gpus
+        chunk_dir = answers_file[:-len(".jsonl")] + ".chunks"
+        os.makedirs(chunk_dir, exist_ok=True)
+        chunk_files = [os.path.join(chunk_dir, f"{k}of{n}.jsonl") for k in range(n)]
+        processes = []
+        for k, device in enumerate(visible_gpus(n)):
+            cmd = [sys.executable, "-m", "llava_sculpt.eval.generate", "--model-path", args.model_path,
+                   "--question-file", spec.question_file, "--image-folder", spec.image_folder,
+                   "--answers-file", chunk_files[k], "--conv-mode", conv_mode, "--max_new_tokens", str(max_new_tokens),
+                   "--num-chunks", str(n), "--chunk-idx", str(k), "--batch-size", str(args.batch_size),
+                   "--image-aspect-ratio", args.image_aspect_ratio, "--dtype", args.dtype]
+            if args.model_base:
+                cmd += ["--model-base", args.model_base]
+            if args.max_questions is not None:
+                cmd += ["--max-questions", str(args.max_questions)]
+            if args.no_progress:
+                cmd.append("--no-progress")
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
+            processes.append(subprocess.Popen(cmd, env=env))
+        failed = [k for k, proc in enumerate(processes) if proc.wait() != 0]
+        if failed:
+            raise UserError(f"{spec.name}: generation failed for chunk(s) {failed} of {n} (see their messages above); "
+                            f"rerun to resume from {chunk_dir}.")
+        concatenate_chunks(chunk_files, answers_file)
+        from llava_sculpt.eval.generate import load_questions, pending_questions
+
+        questions = load_questions(spec.question_file)[:args.max_questions]
+        if pending_questions(questions, answers_file):
+            raise UserError(f"{spec.name}: the concatenated chunks in {answers_file} do not answer all "
+                            f"{num_questions} questions; delete {chunk_dir} and {answers_file} and rerun.")
+        shutil.rmtree(chunk_dir)
+
+
+# -------------------------------------------------------------------------------------------- scoring
+def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, compat: str, partial: bool) -> dict:
+    from llava_sculpt.eval.score import score_task
+
+    options = dict(spec.score_options)
+    payload = score_task(spec.task, spec.annotation_file, answers_file, spec.score_question_file,
+                         compat=options.get("compat", compat), allow_partial=partial,
+                         cider_only=options.get("cider_only", False))
+    payload["benchmark"] = spec.name
+    if spec.name != spec.task:  # `llava-sculpt table` expects scores/{task}.json to hold that task
+        payload["scorer"], payload["task"] = spec.task, spec.name
+    write_json_atomic(score_file, payload)
+    return payload
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    from llava_sculpt.model.load import DTYPES
+
+    p = argparse.ArgumentParser(prog="python -m llava_sculpt.eval.run_benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("benchmarks", nargs="*", metavar="BENCH", help="spec files or names in the spec folder")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-base", default=None, help="base checkpoint of an adapter run")
+    p.add_argument("--data-root", required=True, help="value of ${DATA_ROOT} in the specs")
+    p.add_argument("--eval-dir", default=None, help="run directory for run_meta.json, answers/, scores/ "
+                                                    "(default MODEL_PATH/eval)")
+    p.add_argument("--add-target", action="store_true", help="also evaluate the target benchmark")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-questions", type=int, default=None, help="first N questions per benchmark (smoke runs)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the specs' max_new_tokens")
+    p.add_argument("--conv-mode", default=None, help="override the specs' conv_mode")
+    p.add_argument("--num-gpus", type=int, default=None, help="chunk processes, one per GPU (default: all visible; "
+                                                              "0 or 1: one process)")
+    p.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto")
+    p.add_argument("--image-aspect-ratio", choices=("pad", "square"), default="pad")
+    p.add_argument("--compat", choices=("official", "paper"), default="official", help="scoring mode")
+    p.add_argument("--method", default=None, help="run_meta method (default: run_args.json)")
+    p.add_argument("--rank", type=int, default=None, help="run_meta rank (default: training_args.lora_r)")
+    p.add_argument("--target", default=None, choices=TARGET_TASKS, help="run_meta target")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llava_sculpt.eval.generate import check_images, load_questions
+
+    args = build_parser().parse_args(argv)
+    if not os.path.isdir(args.data_root):
+        raise UserError(f"--data-root / DATA_ROOT {args.data_root} is not a folder; expected the folder holding one "
+                        "`llava-sculpt prepare` output folder per benchmark (DATA_ROOT/okvqa, DATA_ROOT/gqa, ...).")
+    if not os.path.isdir(args.model_path):
+        raise UserError(f"--model-path / MODEL_PATH {args.model_path} is not a folder.")
+    if args.batch_size < 1 or (args.max_questions is not None and args.max_questions < 1):
+        raise UserError("--batch-size and --max-questions must be at least 1.")
+    if args.num_gpus is None:
+        import torch
+
+        args.num_gpus = torch.cuda.device_count()
+    specs = [load_spec(find_spec(b), args.data_root) for b in args.benchmarks]
+    meta = resolve_run_meta(args.model_path, args.method, args.rank, args.target,
+                            [s.task for s in specs if s.role == "target" and s.task in TARGET_TASKS])
+    if args.add_target:
+        if meta["target"] is None:
+            raise UserError("--add-target: the zero-shot model has no target; list the target benchmarks instead.")
+        if meta["target"] not in [s.name for s in specs]:
+            specs.append(load_spec(find_spec(meta["target"]), args.data_root))
+    if not specs:
+        raise UserError("no benchmarks given (names of specs in eval/, or spec files).")
+    eval_dir = args.eval_dir or os.path.join(args.model_path, "eval")
+    work = []
+    for spec in specs:  # validate every benchmark's data before any generation
+        questions = load_questions(spec.question_file)[:args.max_questions]
+        check_images(questions, spec.image_folder, spec.question_file)
+        work.append((spec, questions))
+    write_json_atomic(os.path.join(eval_dir, "run_meta.json"), meta)
+    generator = Generator(args)
+    for spec, questions in work:
+        answers_file = os.path.join(eval_dir, "answers", f"{spec.name}.jsonl")
+        os.makedirs(os.path.dirname(answers_file), exist_ok=True)
+        generator.run(spec, questions, answers_file)
+        payload = score_benchmark(spec, answers_file, os.path.join(eval_dir, "scores", f"{spec.name}.json"),
+                                  args.compat, partial=args.max_questions is not None)
+        print(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']})", flush=True)
+    print(f"wrote {eval_dir}/run_meta.json and scores/ ({', '.join(s.name for s in specs)}); "
+          f"table: llava-sculpt table {eval_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Evaluate a fine-tuned model on the four source benchmarks (OKVQA, OCRVQA, GQA, TextVQA) and its target
+# (IconQA or COCO-Caption), then print its row of the paper's Table 1.
+#
+#   DATA_ROOT=/data/eval scripts/eval_source_target.sh MODEL_PATH [TARGET]
+#
+# MODEL_PATH  a `llava-sculpt train` run / checkpoint dir (adapter + projector, no merge needed; give
+#             MODEL_BASE when the adapter's recorded base is not a local folder) or a merged HF checkpoint.
+# TARGET      iconqa | coco (default: $TARGET, else inferred from MODEL_PATH/run_args.json).
+# Variables:
+#   DATA_ROOT      required: DATA_ROOT/{okvqa,ocrvqa,gqa,textvqa,iconqa,coco} are `llava-sculpt prepare`
+#                  output folders (see eval/*.json for the files each benchmark uses)
+#   EVAL_DIR       run directory for run_meta.json, answers/, scores/ (default MODEL_PATH/eval)
+#   MODEL_BASE     base checkpoint of an adapter
+#   METHOD, RANK   run_meta.json values (default: run_args.json "method" and training_args.lora_r)
+#   BATCH_SIZE     questions per generate() call (default 8)
+#   MAX_QUESTIONS  first N questions per benchmark, for smoke runs (scored as partial)
+#   MAX_NEW_TOKENS override the specs' max_new_tokens (128)
+#   CONV_MODE      override the specs' conversation template (vicuna_v1)
+#   NUM_GPUS       chunk processes (default: all visible GPUs; CPU: one process)
+#   COMPAT         official (default) | paper: the LoRASculpt release's scorers
+#   BENCHMARKS     benchmarks to run (default "okvqa ocrvqa gqa textvqa" + the target)
+#   SPEC_DIR       folder of the benchmark specs (default: eval/ of this repository)
+#   PYTHON         python interpreter with llava-sculpt installed (default python)
+# Rerunning resumes: answered questions are skipped, complete benchmarks are only re-scored.
+set -euo pipefail
+
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+MODEL_PATH=$1
+TARGET=${2:-${TARGET:-}}
+if [ -z "${DATA_ROOT:-}" ]; then
+    echo "error: set DATA_ROOT to the folder holding the prepared benchmarks (DATA_ROOT/okvqa, DATA_ROOT/gqa, ...," >&2
+    echo "       each the --out-dir of \`llava-sculpt prepare\`), e.g. DATA_ROOT=/data/eval $0 $*" >&2
+    exit 2
+fi
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python}
+export LLAVA_SCULPT_SPEC_DIR=${SPEC_DIR:-$HERE/../eval}
+EVAL_DIR=${EVAL_DIR:-$MODEL_PATH/eval}
+NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+
+args=(--model-path "$MODEL_PATH" --data-root "$DATA_ROOT" --eval-dir "$EVAL_DIR" --num-gpus "$NUM_GPUS"
+      --batch-size "${BATCH_SIZE:-8}" --compat "${COMPAT:-official}")
+[ -n "${MODEL_BASE:-}" ] && args+=(--model-base "$MODEL_BASE")
+[ -n "${MAX_QUESTIONS:-}" ] && args+=(--max-questions "$MAX_QUESTIONS")
+[ -n "${MAX_NEW_TOKENS:-}" ] && args+=(--max-new-tokens "$MAX_NEW_TOKENS")
+[ -n "${CONV_MODE:-}" ] && args+=(--conv-mode "$CONV_MODE")
+[ -n "${METHOD:-}" ] && args+=(--method "$METHOD")
+[ -n "${RANK:-}" ] && args+=(--rank "$RANK")
+[ -n "$TARGET" ] && args+=(--target "$TARGET")
+if [ -n "${BENCHMARKS:-}" ]; then
+    read -r -a benchmarks <<< "$BENCHMARKS"
+else
+    benchmarks=(okvqa ocrvqa gqa textvqa)
+    args+=(--add-target)
+fi
+
+echo "evaluating $MODEL_PATH on ${benchmarks[*]}$([ -z "${BENCHMARKS:-}" ] && echo " + target") with $NUM_GPUS GPU(s) -> $EVAL_DIR" >&2
+"$PYTHON" -m llava_sculpt.eval.run_benchmark "${benchmarks[@]}" "${args[@]}"
+"$PYTHON" -m llava_sculpt.cli table "$EVAL_DIR"
