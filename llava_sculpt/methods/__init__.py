@@ -5,8 +5,13 @@ from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import LoRAMethod
 from llava_sculpt.methods.sculpt import SculptMethod
+from llava_sculpt.methods.dora import DoRAMethod
+from llava_sculpt.methods.l2reg import L2Method
+from llava_sculpt.methods.orth import OrthMethod
+from llava_sculpt.methods.dare import DAREMethod
+from llava_sculpt.methods.tailor import TailorMethod
 
-METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod)}
+METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod, DoRAMethod, L2Method, OrthMethod, DAREMethod, TailorMethod)}
 
 
 def get_method_class(name: str) -> type[FineTuningMethod]:

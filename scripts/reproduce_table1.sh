@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every row of the paper's Table 1: methods x ranks x targets -> train, evaluate on the target and the
+# four sources, then one Table 1-layout table per target (markdown + csv).
+#
+#   MODEL_BASE=checkpoints/llava-1.5-7b-hf DATA_ROOT=/data/eval bash scripts/reproduce_table1.sh
+#
+# Variables:
+#   MODEL_BASE   required: HF LLaVA-1.5 checkpoint folder
+#   DATA_ROOT    required: DATA_ROOT/{iconqa,coco,okvqa,ocrvqa,gqa,textvqa} are `llava-sculpt prepare` outputs;
+#                a target's train.json is its training data, its manifest.json names the image folder
+#   RUNS_DIR     default playground/table1 (RUNS_DIR/TARGET/METHOD_rRANK/ per run, RUNS_DIR/zero-shot/)
+#   METHODS      default "lora dora l2 orth tailor dare sculpt"
+#   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
+#   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
+#   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
+# DARE and Model Tailor are evaluated on their merged checkpoint (RUN/merged). Rerunning continues where it
+# stopped: finished runs (training_complete.json) are not retrained and generation resumes.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python}
+need() { if [ -z "${!1:-}" ]; then echo "error: set $1 ($2)" >&2; exit 2; fi; }
+need MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
+need DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
+RUNS_DIR=${RUNS_DIR:-playground/table1}
+METHODS=${METHODS:-"lora dora l2 orth tailor dare sculpt"}
+RANKS=${RANKS:-"16 32 64"}
+TARGETS=${TARGETS:-"iconqa coco"}
+read -r -a train_args <<< "${TRAIN_ARGS:-}"
+export PYTHON
+
+echo "== zero-shot" >&2
+EVAL_DIR="$RUNS_DIR/zero-shot" bash "$HERE/eval_zero_shot.sh" "$MODEL_BASE"
+for target in $TARGETS; do
+  manifest="$DATA_ROOT/$target/manifest.json"
+  [ -f "$manifest" ] || { echo "error: $manifest not found: run \`llava-sculpt prepare $target --out-dir $DATA_ROOT/$target ...\`" >&2; exit 2; }
+  image_folder=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['image_folder'])" "$manifest")
+  for rank in $RANKS; do
+    for method in $METHODS; do
+      run="$RUNS_DIR/$target/${method}_r${rank}"
+      echo "== $target / $method / rank $rank -> $run" >&2
+      if [ ! -f "$run/training_complete.json" ]; then
+        METHOD=$method TARGET=$target RANK=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
+          IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" "${train_args[@]}"
+      fi
+      model=$run
+      case $method in dare|tailor) model=$run/merged ;; esac
+      METHOD=$method RANK=$rank EVAL_DIR="$run/eval" MODEL_BASE=$MODEL_BASE \
+        bash "$HERE/eval_source_target.sh" "$model" "$target" > /dev/null
+    done
+  done
+  "$PYTHON" -m llava_sculpt.cli table "$RUNS_DIR/zero-shot/" "$RUNS_DIR/$target"/*/eval \
+    --format md,csv --out "$RUNS_DIR/table1_$target"
+done
+echo "tables: $RUNS_DIR/table1_*.md / .csv" >&2

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# reproduce_table1.sh, small, on the embedded default on CPU: the tiny model, synthetic fixtures of the six
+# benchmarks in their raw formats, every method, a few training steps, a few questions per benchmark.
+#   bash scripts/reproduce_table1_tiny.sh           (METHODS / RANKS / TARGETS narrow it; ~1 min per run)
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$HERE/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-playground/table1_tiny}
+llava-sculpt tiny --output-dir "$OUT/tiny" --seed 0 > /dev/null
+for dataset in iconqa coco okvqa ocrvqa gqa textvqa; do
+  if [ ! -f "$OUT/data/$dataset/manifest.json" ]; then
+    "$PYTHON" -c "from llava_sculpt.data.prepare.synthetic_raw import write_raw_fixture as w; import sys; w(sys.argv[1], sys.argv[2], seed=0, n=8)" \
+      "$dataset" "$OUT/raw/$dataset"
+    llava-sculpt prepare "$dataset" --raw-dir "$OUT/raw/$dataset" --out-dir "$OUT/data/$dataset" > /dev/null
+  fi
+done
+MODEL_BASE="$OUT/tiny/model" DATA_ROOT="$OUT/data" RUNS_DIR="$OUT/runs" NUM_GPUS=0 \
+  METHODS=${METHODS:-"lora dora l2 orth tailor dare sculpt"} RANKS=${RANKS:-"4 8"} TARGETS=${TARGETS:-"iconqa coco"} \
+  MAX_QUESTIONS=${MAX_QUESTIONS:-4} MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-8} BATCH_SIZE=4 \
+  TRAIN_ARGS="--max_steps 4 --per_device_train_batch_size 2 --learning_rate 1e-3 --sculpt_step 2 --tailor_samples 4 --save_strategy no --disable_tqdm True" \
+  bash "$HERE/reproduce_table1.sh"
+for t in ${TARGETS:-iconqa coco}; do echo; cat "$OUT/runs/table1_$t.md"; done
