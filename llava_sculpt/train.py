@@ -7,7 +7,6 @@ only overrides its hooks (sampler, optimizer groups, loss, saving, loading).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from typing import Sequence
 import torch
 import transformers
 
+from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.data.conversation import get_template
 from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset, ModalityGroupedSampler
 from llava_sculpt.errors import UserError, run_cli
@@ -293,10 +293,7 @@ def write_run_args(run: RunContext, method, output_dir: str) -> None:
         "versions": {"llava_sculpt": __import__("llava_sculpt").__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": __import__("peft").__version__},
     }
-    path = os.path.join(output_dir, RUN_ARGS_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(output_dir, RUN_ARGS_FILE), record)
 
 
 def compute_dtype(training_args) -> torch.dtype:
@@ -377,10 +374,9 @@ def finalise(trainer, run: RunContext, method, output_dir: str) -> None:
     trainer.save_state()
     method.post_training(output_dir, trainer.model, run)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    with open(os.path.join(output_dir, COMPLETE_FILE + ".tmp"), "w") as f:
-        json.dump({"global_step": trainer.state.global_step, "method": method.name,
-                   "final_logged_loss": losses[-1] if losses else None}, f, indent=2)
-    os.replace(os.path.join(output_dir, COMPLETE_FILE + ".tmp"), os.path.join(output_dir, COMPLETE_FILE))
+    write_json_atomic(os.path.join(output_dir, COMPLETE_FILE),
+                      {"global_step": trainer.state.global_step, "method": method.name,
+                       "final_logged_loss": losses[-1] if losses else None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,3 +22,14 @@ def tiny_processor(tiny_dir):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_dir / "model")
+
+
+@pytest.fixture
+def one_thread():
+    """Generation with the tiny model runs ~20x faster on one thread when the 2 cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

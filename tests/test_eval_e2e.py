@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import REPO
 from llava_sculpt.errors import UserError
@@ -22,12 +21,7 @@ DATASETS = ("okvqa", "ocrvqa", "gqa", "textvqa", "iconqa", "coco")
 MAX_QUESTIONS, MAX_NEW = 3, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from llava_sculpt.eval import generate as gen
 MAX_NEW = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model runs ~20x faster with one thread when the 2 cores are shared with other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,3 +54,20 @@ def test_finetune_sculpt_coco_script_on_tiny_model(tiny_dir, tmp_path):
     assert record["method"] == "sculpt" and record["method_flags"]["sculpt_ratio"] == 0.1
     assert record["method_flags"]["cmr_lambda"] == 1e-3 and record["method_flags"]["cmr_targets"] == "q_proj,k_proj,v_proj"
     assert (out / "sparsity.json").is_file() and (out / "adapter_sparse.safetensors").is_file()
+
+
+def test_reproduce_table1_tiny_narrow(tmp_path):
+    """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, two methods."""
+    env = script_env(OUT=tmp_path / "t1", METHODS="lora dare", RANKS="4", TARGETS="iconqa", MAX_QUESTIONS="2",
+                     MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "scripts/reproduce_table1_tiny.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "t1" / "runs" / "table1_iconqa.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"Zero-shot", "LoRA", "DARE"} <= set(rows), table
+    assert "*LoRA Rank=4*" in table
+    for name in ("Zero-shot", "LoRA", "DARE"):
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        assert len(cells) == 7 and "-" not in cells, rows[name]  # every column filled
+    assert (tmp_path / "t1" / "runs" / "iconqa" / "dare_r4" / "merged" / "config.json").is_file()

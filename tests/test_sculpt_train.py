@@ -49,7 +49,7 @@ def test_exactly_k_nonzeros_at_fixed_positions(sculpt_run):
 
 def test_sparsity_json_and_sparse_export(sculpt_run):
     from llava_sculpt.methods.sculpt_ops import theorem31_bound
-    from llava_sculpt.methods.sparse_adapter import load_sparse_adapter, save_sparse_adapter
+    from llava_sculpt.methods.sparse_adapter import load_sparse_adapter
 
     report = json.loads((sculpt_run / "sparsity.json").read_text())
     adapter = load_safetensors(sculpt_run / "adapter_model.safetensors")

@@ -30,9 +30,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Sequence
 
+from llava_sculpt.atomic import atomic_open, write_json_atomic
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.eval.specs import BenchmarkSpec, find_spec, load_spec
 
@@ -89,20 +89,6 @@ def resolve_run_meta(model_path: str, method: str | None = None, rank: int | Non
     return {"method": method, "rank": int(rank), "target": target}
 
 
-def write_json_atomic(path: str, payload) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ----------------------------------------------------------------------------------------- generation
 def visible_gpus(num_gpus: int) -> list[str]:
     """Device ids for CUDA_VISIBLE_DEVICES of each chunk process (respecting an existing restriction)."""
@@ -113,17 +99,10 @@ def visible_gpus(num_gpus: int) -> list[str]:
 
 def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
     """Concatenate complete chunk answer files in chunk order into `out_file` (atomically)."""
-    directory = os.path.dirname(os.path.abspath(out_file))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for path in chunk_files:
-                with open(path, "rb") as f:
-                    shutil.copyfileobj(f, out)
-        os.replace(tmp, out_file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(out_file, "wb") as out:
+        for path in chunk_files:
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out)
 
 
 class Generator:

@@ -29,10 +29,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.eval import metrics
 
@@ -98,21 +98,6 @@ def _field(record: dict, names: Sequence[str], path: str, number: int, what: str
             return record[name]
     raise UserError(f"{what} {path}, entry {number}: missing field {' or '.join(map(repr, names))} "
                     f"(fields present: {sorted(record)}).")
-
-
-def _write_json_atomic(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".score-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------ annotations
@@ -359,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.task}: {payload['metric']} = {payload['score']:.2f} "
           f"(n={payload['num_samples']}, compat={args.compat}){extra}")
     if args.json_out:
-        _write_json_atomic(args.json_out, payload)
+        write_json_atomic(args.json_out, payload)
     return 0
 
 

@@ -31,10 +31,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from llava_sculpt.atomic import write_text_atomic
 from llava_sculpt.errors import UserError, run_cli
 
 SOURCE_TASKS = ("okvqa", "ocrvqa", "gqa", "textvqa")
@@ -258,20 +258,6 @@ def to_json(tables: Sequence[Table]) -> str:
 RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json}
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".table-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llava-sculpt table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fmt in formats:
         text = RENDERERS[fmt](tables)
         if args.out:
-            _write_atomic(f"{args.out}.{fmt}", text)
+            write_text_atomic(f"{args.out}.{fmt}", text)
             print(f"wrote {args.out}.{fmt}")
         else:
             print(text)

@@ -19,8 +19,6 @@ Everything is deterministic for a given seed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.errors import run_cli
 
 IMAGE_TOKEN = "<image>"
@@ -157,9 +156,7 @@ def write_synthetic_train(data_dir: Path, seed: int = 0, num_samples: int = 24) 
                     {"from": "gpt", "value": colour}]
         samples.append({"id": f"tiny-{i}", "image": name, "conversations": conv})
     path = data_dir / "train.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(samples, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, samples, indent=1)
     return path
 
 

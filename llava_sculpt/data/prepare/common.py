@@ -3,14 +3,13 @@ sampling, image existence checks and atomic JSON / JSON-lines writing."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from llava_sculpt.atomic import atomic_open, write_json_atomic
 from llava_sculpt.errors import UserError
 
 # LLaVA-1.5's short-answer prompt suffix (REFERENCE.md section 3).
@@ -173,30 +172,16 @@ def resolve_image_folder(candidates: list[Path], images: list[str]) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     """Write `obj` as JSON to `path` atomically (temp file in the same folder, then os.replace)."""
-    _atomic_write(path, lambda h: (json.dump(obj, h, ensure_ascii=False, indent=indent), h.write("\n")))
+    write_json_atomic(path, obj, indent=indent, ensure_ascii=False)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write one JSON object per line to `path` atomically."""
-    def write(handle):
+    with atomic_open(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    _atomic_write(path, write)
 
 
 def llava_sample(sample_id: str, image: str, prompt: str, answer: str) -> dict:
