@@ -443,3 +443,29 @@ def test_sparsity_stats_match_direct_count(tmp_path):
         write_sparsity_json(path, stats, {"s_A": 0.2})
     with pytest.raises(ValueError):
         sparsity_stats({"x": (torch.ones(2, 3), torch.ones(4, 3))}, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["fro", "l1"])
+@pytest.mark.parametrize("case", ["random", "b_zero", "ragged_chunks", "chunk_fn"])
+def test_one_pass_value_and_grads_equal_autograd(kind, case):
+    """cmr_value_and_grads (used by training) == value and autograd gradients of the custom Function."""
+    from llava_sculpt.methods.sculpt_ops import cmr_value_and_grads
+
+    g = torch.Generator().manual_seed(11)
+    out_f, in_f, r = (37, 23, 3) if case == "ragged_chunks" else (64, 48, 4)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    A = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+    B = torch.zeros(out_f, r, dtype=torch.float64) if case == "b_zero" else torch.randn(out_f, r, generator=g,
+                                                                                        dtype=torch.float64)
+    chunk_fn = (lambda s, e: W[s:e]) if case == "chunk_fn" else None
+    fn = cmr_penalty if kind == "fro" else cmr_l1_penalty
+    a, b = A.clone().requires_grad_(), B.clone().requires_grad_()
+    ref = fn(None if chunk_fn else W, a, b, omega=1.3, chunk_rows=8, weight_chunk_fn=chunk_fn)
+    ref.backward()
+    value, grad_a, grad_b = cmr_value_and_grads(None if chunk_fn else W, A, B, omega=1.3, chunk_rows=8, kind=kind,
+                                                weight_chunk_fn=chunk_fn)
+    assert value == pytest.approx(float(ref), rel=1e-12, abs=0)
+    assert torch.allclose(grad_a, a.grad, rtol=1e-10, atol=1e-300)
+    assert torch.allclose(grad_b, b.grad, rtol=1e-10, atol=1e-300)
+    if case == "b_zero":
+        assert value == 0.0 and not grad_a.any() and not grad_b.any()

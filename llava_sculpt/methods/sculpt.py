@@ -32,7 +32,7 @@ import torch
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import inject_lora
-from llava_sculpt.methods.sculpt_ops import (cmr_l1_penalty, cmr_penalty, frobenius_sq_norm, prune_to_topk,
+from llava_sculpt.methods.sculpt_ops import (cmr_penalty, cmr_value_and_grads, frobenius_sq_norm, prune_to_topk,
                                              sparsity_stats, write_sparsity_json)
 
 __all__ = ["SculptArguments", "SculptMethod", "cmr_penalty", "prune_to_topk"]
@@ -151,6 +151,7 @@ class SculptMethod(FineTuningMethod):
         self._pending_value: float = 0.0
         self._multiplier = 0.0  # d(loss as backpropagated)/d(penalty), from the carrier's hook
         self._run: RunContext | None = None
+        self._warned_order = False
 
     # ------------------------------------------------------------------------------------------- setup
     def inject(self, model, run: RunContext):
@@ -180,8 +181,12 @@ class SculptMethod(FineTuningMethod):
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             extra = self._pending.get(key)
-            if extra is not None and self._multiplier:
-                grad = grad + (self._multiplier * extra).to(grad.dtype)
+            if extra is not None:
+                if not self._multiplier and not self._warned_order:
+                    self._warned_order = True
+                    print("warning: LoRASculpt: a LoRA gradient arrived before the CMR carrier's; the CMR "
+                          "gradient was skipped for it (please report this)")
+                grad = grad + (self._multiplier * extra).to(device=grad.device, dtype=grad.dtype)
             mask = self.masks.get(self.param_names[key])
             if mask is not None:  # pruned entries get exactly zero gradient (Eq. 2 kept for all later steps)
                 grad = grad * mask.to(device=grad.device, dtype=grad.dtype)
@@ -197,15 +202,10 @@ class SculptMethod(FineTuningMethod):
             if layer.name not in self._weight_sq_norms:  # W is frozen: its norm is computed once
                 self._weight_sq_norms[layer.name] = frobenius_sq_norm(rows_fn if rows_fn else W.detach(),
                                                                       B.shape[0])
-            a = A.detach().float().requires_grad_(True)
-            b = B.detach().float().requires_grad_(True)
-            fn = cmr_penalty if kind == "fro" else cmr_l1_penalty
-            with torch.enable_grad():
-                value = fn(None if rows_fn else W.detach(), a, b, omega=self.flags.cmr_omega,
-                           chunk_rows=self.flags.cmr_chunk_rows, weight_chunk_fn=rows_fn,
-                           weight_sq_norm=self._weight_sq_norms[layer.name])
-                grad_a, grad_b = torch.autograd.grad(value, (a, b))
-        return float(value.detach()), grad_a, grad_b
+            # value and gradients in one chunked pass (no graph, nothing kept): Eq. 8 / Eq. 10
+            return cmr_value_and_grads(None if rows_fn else W.detach(), A.detach().float(), B.detach().float(),
+                                       omega=self.flags.cmr_omega, chunk_rows=self.flags.cmr_chunk_rows, kind=kind,
+                                       weight_chunk_fn=rows_fn, weight_sq_norm=self._weight_sq_norms[layer.name])
 
     def _compute_pending(self) -> None:
         self._pending.clear()
@@ -226,7 +226,10 @@ class SculptMethod(FineTuningMethod):
             self._compute_pending()
             self._pending_step = step
         self._multiplier = 0.0
-        carrier = torch.zeros((), requires_grad=True)
+        # On the parameters' device, so that its gradient is computed on the same autograd queue as theirs:
+        # being a leaf right at the loss, it is then processed before any LoRA gradient (AccumulateGrad
+        # nodes run as soon as they are ready).
+        carrier = torch.zeros((), device=self.layers[0].lora_A.device, requires_grad=True)
 
         def record(grad):
             self._multiplier = float(grad)

@@ -56,7 +56,7 @@ WeightChunkFn = Callable[[int, int], torch.Tensor]  # (start, end) -> dequantise
 
 __all__ = [
     "retention_mask", "frobenius_sq_norm", "cmr_penalty", "cmr_l1_penalty", "cmr_penalty_dense",
-    "cmr_l1_penalty_dense", "prune_to_topk", "theorem31_bound", "density", "sparsity_stats",
+    "cmr_l1_penalty_dense", "cmr_value_and_grads", "prune_to_topk", "theorem31_bound", "density", "sparsity_stats",
     "write_sparsity_json",
 ]
 
@@ -263,6 +263,59 @@ def cmr_l1_penalty(weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: to
     Same arguments, memory bound and dtypes as `cmr_penalty`; sub-gradient M * sign(BA) with sign(0) = 0.
     """
     return _chunked("l1", weight, lora_A, lora_B, omega, eps, chunk_rows, weight_chunk_fn, weight_sq_norm)
+
+
+@torch.no_grad()
+def cmr_value_and_grads(weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, omega: float = 1.0,
+                        eps: float = 1e-15, chunk_rows: int = 256, *, kind: str = "fro",
+                        weight_chunk_fn: WeightChunkFn | None = None,
+                        weight_sq_norm: float | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(L, dL/dA, dL/dB) of `cmr_penalty` (kind "fro", Eq. 8) or `cmr_l1_penalty` (kind "l1", Eq. 10) in
+    ONE pass over the row chunks, for callers that need the gradients right away (the training hooks).
+
+    The forward + backward of the autograd version compute M and B A twice per chunk; here each chunk's
+    G = M^2 * (B A) (fro) or M * sign(B A) (l1) is used at once: grad_B[rows] = G @ A^T, grad_A += B[rows]^T G,
+    and the fro gradients are divided by L = sqrt(sum ||M * BA||^2) at the end (0 when L == 0).  Same
+    memory bound, dtypes and conventions as `cmr_penalty`; gradients in the dtypes of A and B.
+    """
+    if kind not in ("fro", "l1"):
+        raise ValueError(f"kind must be 'fro' or 'l1', got {kind!r}")
+    _check_params(omega, eps, chunk_rows)
+    out_features = lora_B.shape[0]
+    rows = _row_source(weight, weight_chunk_fn, out_features)
+    if weight_sq_norm is None:
+        weight_sq_norm = frobenius_sq_norm(rows, out_features, chunk_rows)
+    norm = math.sqrt(float(weight_sq_norm))
+    dtype = _compute_dtype(lora_A.dtype, lora_B.dtype)
+    a = lora_A.detach().to(dtype)
+    grad_A = torch.zeros(lora_A.shape, dtype=torch.float64, device=lora_A.device)
+    grad_B = torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device)
+    total = 0.0
+    with torch.autocast(lora_A.device.type, enabled=False):
+        for start in range(0, out_features, chunk_rows):
+            end = min(start + chunk_rows, out_features)
+            m = _mask_rows(rows(start, end).to(a.device), norm, omega, eps, dtype)  # [rows, in]
+            b = lora_B.detach()[start:end].to(dtype)                               # [rows, r]
+            ba = b @ a                                                              # [rows, in]
+            if kind == "fro":
+                p = ba.mul_(m)                                                      # P = M * BA
+                total += float(p.square().sum())
+                g = p.mul_(m)                                                       # M^2 * BA
+            else:
+                g = ba.sign().mul_(m)                                               # M * sign(BA)
+                total += float(ba.abs_().mul_(m).sum())
+            grad_B[start:end] = g @ a.T
+            grad_A += (b.T @ g).to(torch.float64)
+            del m, ba, g
+    value = math.sqrt(total) if kind == "fro" else total
+    if kind == "fro":
+        if value == 0.0:  # sub-gradient 0 at the non-differentiable point, as `cmr_penalty`
+            grad_A.zero_()
+            grad_B.zero_()
+        else:
+            grad_A /= value
+            grad_B /= value
+    return value, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
 
 
 def _dense_mask(weight: torch.Tensor, omega: float, eps: float) -> torch.Tensor:
