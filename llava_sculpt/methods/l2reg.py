@@ -15,11 +15,10 @@ theta0 is part of the method state (`method_state.safetensors`, keys = parameter
 pulls towards the same reference.  The penalty is computed in float32 (float64 if the weights are), whatever
 the training dtype.  DeepSpeed: ZeRO-0/1/2 keep full parameters on every rank and need nothing special;
 under ZeRO-3 the partitioned tensors are gathered for the capture of theta0 and for the penalty
-(`deepspeed.zero.GatheredParameters`), see `_gathered`.
+(`deepspeed.zero.GatheredParameters`), see `methods.zero.gathered`.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,6 +27,7 @@ import torch
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import inject_lora
+from llava_sculpt.methods.zero import gathered, is_zero3, unwrap
 
 
 @dataclass
@@ -36,25 +36,6 @@ class L2Flags:
                              "adapter towards its starting value (paper Appendix F: 1e-3)"})
     l2_include_projector: bool = field(default=False, metadata={"help": "--method l2: also pull the fully "
                                        "trained projector towards its starting value (default: LoRA tensors only)"})
-
-
-def unwrap(model):
-    """The PEFT model inside a DeepSpeed engine / DDP wrapper."""
-    return getattr(model, "module", model)
-
-
-def _is_zero3(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-def _gathered(params: Sequence[torch.Tensor]):
-    """Full values of ZeRO-3 partitioned parameters inside the block (read-only); a no-op otherwise."""
-    partitioned = [p for p in params if _is_zero3(p)]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def regularised_parameters(model, include_projector: bool = False) -> dict[str, torch.nn.Parameter]:
@@ -108,7 +89,7 @@ class L2Method(FineTuningMethod):
         if not params:
             raise UserError("--method l2: the model has no trainable adapter tensor to regularise")
         if not self.theta0:
-            with torch.no_grad(), _gathered(list(params.values())):
+            with torch.no_grad(), gathered(list(params.values())):
                 self.theta0 = {n: p.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
                                .clone() for n, p in params.items()}
         elif set(self.theta0) != set(params) or any(self.theta0[n].shape != _full_shape(p) for n, p in params.items()):
@@ -124,7 +105,7 @@ class L2Method(FineTuningMethod):
         if self._bound is None:
             self._bind(model)
         params = [p for p, _ in self._bound]
-        with _gathered(params):
+        with gathered(params):
             return self.flags.l2_lambda * l2_penalty(params, [r for _, r in self._bound])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -136,4 +117,4 @@ class L2Method(FineTuningMethod):
 
 
 def _full_shape(p: torch.Tensor) -> torch.Size:
-    return p.ds_shape if _is_zero3(p) else p.shape
+    return p.ds_shape if is_zero3(p) else p.shape

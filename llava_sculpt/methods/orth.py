@@ -25,7 +25,7 @@ import torch
 
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
-from llava_sculpt.methods.l2reg import _gathered, unwrap
+from llava_sculpt.methods.zero import gathered, unwrap
 from llava_sculpt.methods.lora import inject_lora
 
 
@@ -164,7 +164,7 @@ class OrthMethod(FineTuningMethod):
             adapter = module.active_adapters[0]
             lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             base = module.get_base_layer()
-            with _gathered([lora_A, lora_B, base.weight]):
+            with gathered([lora_A, lora_B, base.weight]):
                 term = orth_penalty(_base_weight(module), lora_A, lora_B, module.scaling[adapter],
                                     self.flags.orth_chunk_rows)
             total = term if total is None else total + term

@@ -23,7 +23,6 @@ How it is wired (no change to the training loop):
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import torch
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import inject_lora
+from llava_sculpt.methods.zero import gathered
 from llava_sculpt.methods.sculpt_ops import (cmr_penalty, cmr_value_and_grads, frobenius_sq_norm, prune_to_topk,
                                              sparsity_stats, write_sparsity_json)
 
@@ -78,19 +78,6 @@ class _Layer:
     @property
     def weight(self) -> torch.nn.Parameter:
         return self.module.get_base_layer().weight
-
-
-def _is_zero3(param) -> bool:
-    return hasattr(param, "ds_id")
-
-
-def _gathered(params, modify: bool = False):
-    """Gather ZeRO-3 partitioned parameters for the duration of the block (no-op otherwise)."""
-    if not any(_is_zero3(p) for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
 
 
 def _uses_deepspeed(trainer) -> bool:
@@ -197,7 +184,7 @@ class SculptMethod(FineTuningMethod):
     def _penalty(self, layer: _Layer, kind: str) -> tuple[float, torch.Tensor, torch.Tensor]:
         """(value, d value / dA, d value / dB) of the layer's CMR, computed chunk-wise and not kept."""
         A, B, W = layer.lora_A, layer.lora_B, layer.weight
-        with _gathered([A, B, W]):
+        with gathered([A, B, W]):
             rows_fn = _weight_rows_fn(W)
             if layer.name not in self._weight_sq_norms:  # W is frozen: its norm is computed once
                 self._weight_sq_norms[layer.name] = frobenius_sq_norm(rows_fn if rows_fn else W.detach(),
@@ -272,12 +259,12 @@ class SculptMethod(FineTuningMethod):
                 if use_ds:
                     full = safe_get_full_fp32_param(param)
                 else:
-                    with _gathered([param]):
+                    with gathered([param]):
                         full = param.detach().float().clone()
                 mask = prune_to_topk(full, ratio).cpu()
                 self.masks[name] = mask
                 keep = mask.to(device=full.device, dtype=full.dtype)
-                with _gathered([param], modify=True):
+                with gathered([param], modify=True):
                     param.data.mul_(keep.to(device=param.device, dtype=param.dtype))
                 if use_ds:
                     safe_set_full_fp32_param(param, full * keep)

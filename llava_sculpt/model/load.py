@@ -62,7 +62,7 @@ def quantization_config(bits: int, compute_dtype: torch.dtype, quant_type: str =
     if bits == 16:
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (only checks that it is installed)
     except ImportError:
         raise UserError(f"--bits {bits} needs bitsandbytes, which is not installed: "
                         "pip install 'llava-sculpt[quant]' (or pip install bitsandbytes)") from None
