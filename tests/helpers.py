@@ -40,7 +40,8 @@ def run_train_subprocess(tiny_dir, out, *extra, steps=3, timeout=600) -> subproc
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "llava_sculpt.train", *train_args(tiny_dir, out, *extra, steps=steps)]
+    # the script path, as `deepspeed llava_sculpt/train.py ...` starts each rank
+    cmd = [sys.executable, "llava_sculpt/train.py", *train_args(tiny_dir, out, *extra, steps=steps)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
