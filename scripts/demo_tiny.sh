@@ -2,17 +2,34 @@
 # The main job end to end on the embedded default (CPU, no network):
 #   1. build the tiny LLaVA-1.5-shaped model + synthetic training data
 #   2. fine-tune it with LoRASculpt (METHOD=... for another method) through the same script users run on
-#      GPUs (scripts/finetune.sh), a few steps; prune after step 4
-# Results: playground/demo/   (model, data, runs/...)
+#      GPUs (scripts/finetune.sh), a few steps, pruning after step 4
+#   3. write synthetic fixtures of the six benchmarks in their official raw formats, `llava-sculpt prepare`
+#      them, and evaluate the run on the target (IconQA) and the four sources with the same script users run
+#      (scripts/eval_source_target.sh), printing its Table 1 row (the tiny random model scores near 0: the
+#      point is the pipeline)
+# Results: playground/demo/   (tiny/, runs/, data/, and the run's eval/ with answers, scores and the table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO:-playground/demo}
 METHOD=${METHOD:-sculpt}
+RUN="$DEMO/runs/${METHOD}_tiny"
 llava-sculpt tiny --output-dir "$DEMO/tiny" --seed 0
 MODEL_BASE="$DEMO/tiny/model" DATA_PATH="$DEMO/tiny/data/train.json" IMAGE_FOLDER="$DEMO/tiny/data/images" \
-  OUTPUT_DIR="$DEMO/runs/${METHOD}_tiny" NUM_GPUS=0 METHOD="$METHOD" RANK=8 \
+  OUTPUT_DIR="$RUN" NUM_GPUS=0 METHOD="$METHOD" RANK=8 \
   bash scripts/finetune.sh --max_steps 12 --per_device_train_batch_size 4 --learning_rate 1e-3 \
   --mm_projector_lr 1e-3 --save_steps 6 --disable_tqdm False \
   $( [ "$METHOD" = sculpt ] && echo --sculpt_step 4 )
+for dataset in iconqa okvqa ocrvqa gqa textvqa; do
+  python -c "from llava_sculpt.data.prepare.synthetic_raw import write_raw_fixture as w; import sys; w(sys.argv[1], sys.argv[2], seed=0, n=8)" \
+    "$dataset" "$DEMO/raw/$dataset"
+  llava-sculpt prepare "$dataset" --raw-dir "$DEMO/raw/$dataset" --out-dir "$DEMO/data/$dataset" > /dev/null
+done
+MODEL="$RUN"
+case $METHOD in dare|tailor) MODEL="$RUN/merged" ;; esac
+DATA_ROOT="$DEMO/data" EVAL_DIR="$RUN/eval" NUM_GPUS=0 MAX_QUESTIONS=8 MAX_NEW_TOKENS=8 METHOD="$METHOD" RANK=8 \
+  bash scripts/eval_source_target.sh "$MODEL" iconqa 2> "$RUN/eval.log"
 echo
-echo "demo finished: trained run in $DEMO/runs/${METHOD}_tiny (adapter_model.safetensors, mm_projector.safetensors)"
+echo "demo finished:"
+echo "  trained run      $RUN  (adapter_model.safetensors, mm_projector.safetensors, run_args.json)"
+[ "$METHOD" = sculpt ] && echo "  LoRASculpt       $RUN/sparsity.json, adapter_sparse.safetensors; plot: llava-sculpt report $RUN"
+echo "  evaluation       $RUN/eval  (answers/, scores/, run_meta.json; log in $RUN/eval.log)"

@@ -231,3 +231,11 @@ def test_run_meta_from_run_args(tmp_path):
                                                    "data_args": {"data_path": "/d/train.json"}}))
     with pytest.raises(UserError, match="TARGET"):
         resolve(str(run))
+
+
+def test_relative_data_root_resolves_once(data_root, monkeypatch):
+    """DATA_ROOT given as a relative path (as users type it) resolves to the prepared files once."""
+    monkeypatch.chdir(data_root.parent)
+    spec = load_spec(find_spec("okvqa"), data_root.name)
+    assert spec.question_file == str(data_root / "okvqa" / "questions.jsonl")
+    assert os.path.isdir(spec.image_folder)

@@ -126,6 +126,8 @@ def load_spec(path: str, data_root: str | None = None, check_files: bool = True)
     from llava_sculpt.data.conversation import TEMPLATES
     from llava_sculpt.eval.score import TASKS
 
+    if data_root is not None:  # absolute, so "${DATA_ROOT}/x" is not joined to a relative root a second time
+        data_root = os.path.abspath(os.path.expanduser(data_root))
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
