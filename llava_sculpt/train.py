@@ -109,7 +109,10 @@ def parse_args(argv: Sequence[str] | None):
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         raise UserError("--output_dir is required: where the adapter, projector and checkpoints are written")
-    parsed = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments' own consistency checks: report them without a traceback
+        raise UserError(f"invalid training arguments: {err}") from None
     model_args, data_args, training_args, *method_flag_values = parsed
     method_cls = get_method_class(model_args.method)
     flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
@@ -333,10 +336,13 @@ def build_model(model_args, training_args, method, run: RunContext):
     if method.trains_projector and not training_args.freeze_mm_mlp_adapter:
         for p in projector.parameters():
             p.requires_grad_(True)
-    if not training_args.deepspeed:
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    # Trainable tensors: fp32 without DeepSpeed (no master copies; autocast computes in the low dtype);
+    # under DeepSpeed all in the compute dtype, since ZeRO keeps its own fp32 masters and requires one dtype
+    # (PEFT would otherwise leave the adapters in fp32 next to a bf16 projector).
+    trainable_dtype = dtype if training_args.deepspeed else torch.float32
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != trainable_dtype:
+            p.data = p.data.to(trainable_dtype)
     return model
 
 

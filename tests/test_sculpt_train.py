@@ -221,3 +221,21 @@ def test_four_bit_base_chunked_dequantisation_and_training(tiny_dir, tmp_path):
     assert run_train(tiny_dir, out, *SCULPT, "--bits", "4", steps=3) == 0
     adapter = lm_lora(load_safetensors(out / "adapter_model.safetensors"))
     assert all(int(torch.count_nonzero(v)) == int(v.numel() * 0.1) for v in adapter.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_bf16_keeps_exact_sparsity(stage, tiny_dir, tmp_path):
+    """The paper's setting (bf16 + ZeRO): bf16 parameters, fp32 masters; pruned entries stay exactly 0."""
+    out = tmp_path / f"bf16_zero{stage}"
+    proc = run_train_subprocess(tiny_dir, out, *SCULPT, "--bf16", "True", "--use_cpu", "True",
+                                "--deepspeed", zero_config(tmp_path, stage), steps=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    adapter = lm_lora(load_safetensors(out / "adapter_model.safetensors"))
+    masks = masks_of(out)
+    assert len(adapter) == 28
+    for key, value in adapter.items():
+        assert value.dtype == torch.bfloat16
+        assert int(torch.count_nonzero(value)) == int(value.numel() * 0.1), key
+        mask = next(m for name, m in masks.items() if name.endswith(key.replace(".weight", "").split("model.", 1)[1]))
+        assert torch.equal(value != 0, mask), key

@@ -188,3 +188,13 @@ def test_train_help_lists_llava_and_hf_flags(capsys):
                  "--lr_scheduler_type", "--save_strategy", "--save_steps", "--logging_steps", "--report_to",
                  "--resume_from_checkpoint", "--attn_implementation", "--method", "--lora_weight_path"]:
         assert flag in text, flag
+
+
+def test_inconsistent_training_arguments_are_reported_without_traceback(tiny_dir, tmp_path, capsys):
+    # transformers refuses bf16 on a CPU-only machine unless --use_cpu is given
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bf16 is valid here")
+    _expect_error(capsys, run_train(tiny_dir, tmp_path / "b", "--bf16", "True"), "invalid training arguments")
+    assert not (tmp_path / "b").exists()
