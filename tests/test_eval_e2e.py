@@ -239,3 +239,19 @@ def test_relative_data_root_resolves_once(data_root, monkeypatch):
     spec = load_spec(find_spec("okvqa"), data_root.name)
     assert spec.question_file == str(data_root / "okvqa" / "questions.jsonl")
     assert os.path.isdir(spec.image_folder)
+
+
+def test_driver_launches_real_chunk_processes(zero_shot, tiny_dir, data_root, tmp_path):
+    """--num-gpus 2 with real `generate` subprocesses (on CPU here): the joined file equals the
+    single-process answers byte for byte."""
+    eval_dir = tmp_path / "two-procs"
+    argv = ["gqa", "--model-path", str(tiny_dir / "model"), "--data-root", str(data_root), "--eval-dir",
+            str(eval_dir), "--max-questions", str(MAX_QUESTIONS), "--max-new-tokens", str(MAX_NEW),
+            "--batch-size", "2", "--num-gpus", "2", "--method", "lora", "--rank", "4", "--target", "iconqa",
+            "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "llava_sculpt.eval.run_benchmark", *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (eval_dir / "answers" / "gqa.jsonl").read_bytes() == (zero_shot[0] / "answers" / "gqa.jsonl").read_bytes()
+    assert not (eval_dir / "answers" / "gqa.chunks").exists()
