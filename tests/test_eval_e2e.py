@@ -21,7 +21,9 @@ DATASETS = ("okvqa", "ocrvqa", "gqa", "textvqa", "iconqa", "coco")
 MAX_QUESTIONS, MAX_NEW = 3, 6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(shutil.which("java") is None,
+                                 reason="java is not on PATH: COCO's PTB tokenizer (pycocoevalcap) needs it")]
 
 
 @pytest.fixture(scope="module")

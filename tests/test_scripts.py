@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import REPO
 
@@ -56,6 +59,7 @@ def test_finetune_sculpt_coco_script_on_tiny_model(tiny_dir, tmp_path):
     assert (out / "sparsity.json").is_file() and (out / "adapter_sparse.safetensors").is_file()
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not on PATH: COCO's PTB tokenizer needs it")
 def test_reproduce_table1_tiny_narrow(tmp_path):
     """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, two methods."""
     env = script_env(OUT=tmp_path / "t1", METHODS="lora dare", RANKS="4", TARGETS="iconqa", MAX_QUESTIONS="2",
