@@ -15,7 +15,7 @@ METHOD=${METHOD:-sculpt}
 RUN="$DEMO/runs/${METHOD}_tiny"
 llava-sculpt tiny --output-dir "$DEMO/tiny" --seed 0
 MODEL_BASE="$DEMO/tiny/model" DATA_PATH="$DEMO/tiny/data/train.json" IMAGE_FOLDER="$DEMO/tiny/data/images" \
-  OUTPUT_DIR="$RUN" NUM_GPUS=0 METHOD="$METHOD" RANK=8 \
+  OUTPUT_DIR="$RUN" NUM_GPUS=0 METHOD="$METHOD" LORA_R=8 \
   bash scripts/finetune.sh --max_steps 12 --per_device_train_batch_size 4 --learning_rate 1e-3 \
   --mm_projector_lr 1e-3 --save_steps 6 --disable_tqdm False \
   $( [ "$METHOD" = sculpt ] && echo --sculpt_step 4 )
@@ -26,7 +26,7 @@ for dataset in iconqa okvqa ocrvqa gqa textvqa; do
 done
 MODEL="$RUN"
 case $METHOD in dare|tailor) MODEL="$RUN/merged" ;; esac
-DATA_ROOT="$DEMO/data" EVAL_DIR="$RUN/eval" NUM_GPUS=0 MAX_QUESTIONS=8 MAX_NEW_TOKENS=8 METHOD="$METHOD" RANK=8 \
+DATA_ROOT="$DEMO/data" EVAL_DIR="$RUN/eval" NUM_GPUS=0 MAX_QUESTIONS=8 MAX_NEW_TOKENS=8 METHOD="$METHOD" LORA_R=8 \
   bash scripts/eval_source_target.sh "$MODEL" iconqa 2> "$RUN/eval.log"
 echo
 echo "demo finished:"

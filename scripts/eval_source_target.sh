@@ -12,7 +12,7 @@
 #                  output folders (see eval/*.json for the files each benchmark uses)
 #   EVAL_DIR       run directory for run_meta.json, answers/, scores/ (default MODEL_PATH/eval)
 #   MODEL_BASE     base checkpoint of an adapter
-#   METHOD, RANK   run_meta.json values (default: run_args.json "method" and training_args.lora_r)
+#   METHOD, LORA_R   run_meta.json values (default: run_args.json "method" and training_args.lora_r)
 #   BATCH_SIZE     questions per generate() call (default 8)
 #   MAX_QUESTIONS  first N questions per benchmark, for smoke runs (scored as partial)
 #   MAX_NEW_TOKENS override the specs' max_new_tokens (128)
@@ -49,7 +49,7 @@ args=(--model-path "$MODEL_PATH" --data-root "$DATA_ROOT" --eval-dir "$EVAL_DIR"
 [ -n "${MAX_NEW_TOKENS:-}" ] && args+=(--max-new-tokens "$MAX_NEW_TOKENS")
 [ -n "${CONV_MODE:-}" ] && args+=(--conv-mode "$CONV_MODE")
 [ -n "${METHOD:-}" ] && args+=(--method "$METHOD")
-[ -n "${RANK:-}" ] && args+=(--rank "$RANK")
+[ -n "${LORA_R:-}" ] && args+=(--rank "$LORA_R")
 [ -n "$TARGET" ] && args+=(--target "$TARGET")
 if [ -n "${BENCHMARKS:-}" ]; then
     read -r -a benchmarks <<< "$BENCHMARKS"

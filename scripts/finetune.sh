@@ -10,8 +10,8 @@
 #   DATA_PATH      LLaVA training JSON of the target task (`llava-sculpt prepare TARGET ...` writes train.json)
 #   IMAGE_FOLDER   folder the JSON's image paths are relative to
 #   METHOD         lora | sculpt | dora | l2 | orth | dare | tailor   (default lora)
-#   TARGET         iconqa | coco (only names the run)          RANK   16 | 32 | 64 (default 32)
-#   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${RANK}
+#   TARGET         iconqa | coco (only names the run)          LORA_R   16 | 32 | 64 (default 32)
+#   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R}
 #   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
 #   DS_CONFIG      default configs/zero2.json
 # Extra arguments are passed to `llava-sculpt train` last, so they override the settings above
@@ -21,12 +21,12 @@ cd "$(dirname "$0")/.."
 
 METHOD=${METHOD:-lora}
 TARGET=${TARGET:-iconqa}
-RANK=${RANK:-32}
+LORA_R=${LORA_R:-32}
 need() { if [ -z "${!1:-}" ]; then echo "error: set $1 ($2)" >&2; exit 2; fi; }
 need MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint, e.g. MODEL_BASE=checkpoints/llava-1.5-7b-hf"
 need DATA_PATH "the LLaVA training JSON, e.g. DATA_PATH=playground/data/${TARGET}/train.json"
 need IMAGE_FOLDER "the folder its image paths are relative to"
-OUTPUT_DIR=${OUTPUT_DIR:-playground/runs/${METHOD}_${TARGET}_r${RANK}}
+OUTPUT_DIR=${OUTPUT_DIR:-playground/runs/${METHOD}_${TARGET}_r${LORA_R}}
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
@@ -39,7 +39,7 @@ args=(
   --image_aspect_ratio pad --group_by_modality_length True
   --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
   --mm_use_im_start_end False --mm_use_im_patch_token False
-  --lora_enable True --lora_r "$RANK" --lora_alpha $((2 * RANK)) --lora_dropout 0.05
+  --lora_enable True --lora_r "$LORA_R" --lora_alpha $((2 * LORA_R)) --lora_dropout 0.05
   --mm_projector_lr 2e-5 --learning_rate 2e-4 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
   --num_train_epochs 3 --per_device_train_batch_size 4 --gradient_accumulation_steps 1
   --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True

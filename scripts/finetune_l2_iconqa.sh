@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# l2 on iconqa at the paper's Table 1 settings; rank from RANK (16, 32 or 64; default 32). See finetune.sh.
+# l2 on iconqa at the paper's Table 1 settings; rank from LORA_R (16, 32 or 64; default 32). See finetune.sh.
 METHOD=l2 TARGET=iconqa exec bash "$(dirname "$0")/finetune.sh" "$@"

@@ -8,7 +8,7 @@
 #   MODEL_BASE   required: HF LLaVA-1.5 checkpoint folder
 #   DATA_ROOT    required: DATA_ROOT/{iconqa,coco,okvqa,ocrvqa,gqa,textvqa} are `llava-sculpt prepare` outputs;
 #                a target's train.json is its training data, its manifest.json names the image folder
-#   RUNS_DIR     default playground/table1 (RUNS_DIR/TARGET/METHOD_rRANK/ per run, RUNS_DIR/zero-shot/)
+#   RUNS_DIR     default playground/table1 (RUNS_DIR/TARGET/METHOD_rLORA_R/ per run, RUNS_DIR/zero-shot/)
 #   METHODS      default "lora dora l2 orth tailor dare sculpt"
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
@@ -39,12 +39,12 @@ for target in $TARGETS; do
       run="$RUNS_DIR/$target/${method}_r${rank}"
       echo "== $target / $method / rank $rank -> $run" >&2
       if [ ! -f "$run/training_complete.json" ]; then
-        METHOD=$method TARGET=$target RANK=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
+        METHOD=$method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
           IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" "${train_args[@]}"
       fi
       model=$run
       case $method in dare|tailor) model=$run/merged ;; esac
-      METHOD=$method RANK=$rank EVAL_DIR="$run/eval" MODEL_BASE=$MODEL_BASE \
+      METHOD=$method LORA_R=$rank EVAL_DIR="$run/eval" MODEL_BASE=$MODEL_BASE \
         bash "$HERE/eval_source_target.sh" "$model" "$target" > /dev/null
     done
   done

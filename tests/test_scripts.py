@@ -31,7 +31,7 @@ def test_finetune_script_missing_variable_message():
 def test_finetune_lora_iconqa_script_on_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
     env = script_env(MODEL_BASE=tiny_dir / "model", DATA_PATH=tiny_dir / "data" / "train.json",
-                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, RANK=16)
+                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, LORA_R=16)
     proc = subprocess.run(["bash", "scripts/finetune_lora_iconqa.sh", "--max_steps", "2",
                            "--per_device_train_batch_size", "2", "--disable_tqdm", "True"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -48,7 +48,7 @@ def test_finetune_lora_iconqa_script_on_tiny_model(tiny_dir, tmp_path):
 def test_finetune_sculpt_coco_script_on_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "sculpt"
     env = script_env(MODEL_BASE=tiny_dir / "model", DATA_PATH=tiny_dir / "data" / "train.json",
-                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, RANK=8)
+                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, LORA_R=8)
     proc = subprocess.run(["bash", "scripts/finetune_sculpt_coco.sh", "--max_steps", "3", "--sculpt_step", "1",
                            "--per_device_train_batch_size", "2", "--disable_tqdm", "True"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
