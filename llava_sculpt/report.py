@@ -1,9 +1,12 @@
-"""`llava-sculpt report RUN_DIR [--out PNG]`: plot the measured density of B A per layer against Theorem 3.1.
+"""`llava-sculpt report RUN_DIR [--out PNG]`: plot the measured density of B A per layer against Theorem 3.1,
+and the training curves (task loss and the method's penalty per logged step) of any run.
 
 Reads RUN_DIR/sparsity.json (schema in llava_sculpt/methods/sculpt_ops.py, written after the one-shot pruning)
 and renders a Fig. 5-style PNG (paper Sec. 4.3.3): x = decoder layer index, one series per module type
 (q/k/v/o/gate/up/down), y = fraction of non-zeros of B A, with the expected density 1 - (1 - s_A s_B)^r of
 Theorem 3.1 as a grey line.  Modules without a `layers.<i>.` index (e.g. the projector) are listed, not plotted.
+When RUN_DIR/trainer_state.json exists (every training run writes it), RUN_DIR/training.png shows the logged
+loss per optimizer step and, on a second axis, the method's penalty (e.g. `sculpt_penalty`), if logged.
 """
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ import json
 import os
 import re
 import sys
-import tempfile
 from typing import Sequence
 
+from llava_sculpt.atomic import atomic_open
 from llava_sculpt.errors import UserError, run_cli
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")  # suffix "_proj" in Llama module names
@@ -98,16 +101,44 @@ def render(doc: dict, out_path: str) -> tuple[int, list[str]]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="best")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(out_path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     return plotted, skipped
+
+
+def render_training(state_path: str, out_path: str) -> int:
+    """Loss (and the logged `<method>_penalty`) per step from a Trainer's trainer_state.json; returns points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            history = json.load(f).get("log_history", [])
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"{state_path}: cannot read the training log ({err})") from None
+    logs = [h for h in history if isinstance(h, dict) and "loss" in h and "step" in h]
+    penalty_key = next((k for h in logs for k in h if k.endswith("_penalty")), None)
+    fig = Figure(figsize=(8, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([h["step"] for h in logs], [h["loss"] for h in logs], color="tab:blue", linewidth=1.2,
+            label="loss (task + penalty)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if penalty_key:
+        ax2 = ax.twinx()
+        points = [(h["step"], h[penalty_key]) for h in logs if penalty_key in h]
+        ax2.plot([p[0] for p in points], [p[1] for p in points], color="tab:orange", linewidth=1.2,
+                 label=penalty_key)
+        ax2.set_ylabel(penalty_key)
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Training curves ({os.path.basename(os.path.dirname(os.path.abspath(state_path)))})")
+    fig.tight_layout()
+    with atomic_open(out_path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    return len(logs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(args.run_dir):
         raise UserError(f"{args.run_dir}: RUN_DIR is not a directory (expected the output directory of a run "
                         f"containing sparsity.json)")
+    state_path = os.path.join(args.run_dir, "trainer_state.json")
+    if os.path.isfile(state_path):
+        steps = render_training(state_path, os.path.join(args.run_dir, "training.png"))
+        print(f"training curves ({steps} logged steps): wrote {os.path.join(args.run_dir, 'training.png')}")
+        if not os.path.isfile(os.path.join(args.run_dir, "sparsity.json")):
+            print("no sparsity.json (not a LoRASculpt run): only the training curves")
+            return 0
     doc = load_sparsity(os.path.join(args.run_dir, "sparsity.json"))
     out = args.out or os.path.join(args.run_dir, "sparsity.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):

@@ -86,3 +86,14 @@ def test_report_as_a_module_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llava_sculpt.report", str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "sparsity.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_training_curves_for_any_run(tmp_path, capsys):
+    history = [{"step": i, "loss": 6.0 - 0.1 * i, "sculpt_penalty": 0.01 * i} for i in range(1, 9)]
+    history.append({"step": 8, "train_loss": 5.5})  # the summary entry has no "loss": ignored
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert main([str(tmp_path)]) == 0  # no sparsity.json (e.g. a plain LoRA run): curves only
+    out = capsys.readouterr().out
+    assert "training curves (8 logged steps)" in out and "only the training curves" in out
+    assert (tmp_path / "training.png").read_bytes().startswith(PNG_MAGIC)
+    assert sorted(os.listdir(tmp_path)) == ["trainer_state.json", "training.png"]
