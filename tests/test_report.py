@@ -1,6 +1,7 @@
 """Tests of `llava-sculpt report` (llava_sculpt/report.py): a real sparsity.json in, a valid PNG out."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
