@@ -92,3 +92,4 @@ def test_collator_pads_right_and_stacks_only_images():
     assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 5, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["pixel_values"].shape == (1, 3, 4, 4)
+

@@ -160,9 +160,15 @@ def write_synthetic_train(data_dir: Path, seed: int = 0, num_samples: int = 24) 
     return path
 
 
-def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24) -> Path:
+def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pretrain_steps: int = 0) -> Path:
     out = Path(output_dir)
     model, processor = build_tiny_model(seed)
+    if pretrain_steps:
+        from llava_sculpt.model.pretrain_tiny import pretrain
+
+        losses = pretrain(model, processor, out / "data", pretrain_steps, seed)
+        print(f"pretrained the tiny model for {pretrain_steps} steps on general synthetic tasks: "
+              f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     write_synthetic_train(out / "data", seed=seed, num_samples=num_samples)
@@ -175,8 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output-dir", required=True, help="where to write model/ and data/")
     p.add_argument("--seed", type=int, default=0, help="weights, tokenizer and data seed (default 0)")
     p.add_argument("--num-samples", type=int, default=24, help="synthetic training samples (default 24)")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="train the random model this many steps on "
+                   "general synthetic tasks (colour questions, captions) so that forgetting can be measured "
+                   "(default 0: random weights, what the tests use)")
     args = p.parse_args(argv)
-    out = build_tiny(args.output_dir, args.seed, args.num_samples)
+    out = build_tiny(args.output_dir, args.seed, args.num_samples, args.pretrain_steps)
     print(f"tiny LLaVA-1.5-shaped model: {out / 'model'}\ntraining JSON: {out / 'data' / 'train.json'} "
           f"(--image_folder {out / 'data' / 'images'})")
     return 0
