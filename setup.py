@@ -28,6 +28,8 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "quant": ["bitsandbytes>=0.45"],
         "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0"],
+        # original LLaVA checkpoints ship a SentencePiece tokenizer.model; reading it needs these
+        "convert": ["sentencepiece>=0.2", "protobuf>=4"],
         "dev": ["pytest>=7", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["llava-sculpt=llava_sculpt.cli:main"]},
