@@ -7,6 +7,7 @@ only overrides its hooks (sampler, optimizer groups, loss, saving, loading).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -145,9 +146,29 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
         print(f"note: --vision_tower {model_args.vision_tower} is not loaded: the tower inside {ckpt} is used "
               f"(patch {vision.patch_size}, image {vision.image_size})")
     get_template(model_args.version)
+    check_deepspeed_config(training_args.deepspeed)
     if training_args.lora_weight_path and not os.path.isfile(
             os.path.join(training_args.lora_weight_path, "adapter_model.safetensors")):
         raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
+
+
+def check_deepspeed_config(deepspeed) -> None:
+    """Under ZeRO-3 every save must gather the 16-bit weights, or the adapter and projector files would hold
+    partitioned (empty) tensors instead of the trained values."""
+    if not deepspeed:
+        return
+    config = deepspeed
+    if isinstance(deepspeed, str):
+        try:
+            with open(deepspeed) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"--deepspeed {deepspeed}: cannot read the DeepSpeed config ({err})") from None
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise UserError(f"--deepspeed {deepspeed if isinstance(deepspeed, str) else '(dict)'}: ZeRO-3 without "
+                        '"stage3_gather_16bit_weights_on_model_save": true would save partitioned, not trained, '
+                        "adapter and projector weights; set it to true (configs/zero3*.json do)")
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,13 @@ def test_inconsistent_training_arguments_are_reported_without_traceback(tiny_dir
         pytest.skip("a GPU is present: bf16 is valid here")
     _expect_error(capsys, run_train(tiny_dir, tmp_path / "b", "--bf16", "True"), "invalid training arguments")
     assert not (tmp_path / "b").exists()
+
+
+def test_zero3_without_gathered_saves_is_refused(tiny_dir, tmp_path, capsys):
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps(config))
+    _expect_error(capsys, run_train(tiny_dir, tmp_path / "z", "--deepspeed", str(path)),
+                  "stage3_gather_16bit_weights_on_model_save")
+    assert not (tmp_path / "z").exists()
