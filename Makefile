@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   the main job end to end on the embedded tiny model (CPU, a few minutes)
+#   make demo-forgetting   the paper's trade-off in miniature (~5 min)
 #   make test   the test suite
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
 # so pip never resolves a newer (CUDA, multi-GB) torch.  PYTHON picks the interpreter for the venv.
@@ -8,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llava-sculpt-installed
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo demo-forgetting test clean-demo
 
 install: $(STAMP)
 
@@ -23,8 +24,11 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo_tiny.sh
 
+demo-forgetting: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo_forgetting_tiny.sh
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf playground/demo
+	rm -rf playground/demo playground/demo_forgetting

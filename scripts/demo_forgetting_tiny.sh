@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The paper's trade-off in miniature, on CPU (~5 min): give the tiny model general knowledge, fine-tune it on
+# a target task with plain LoRA and with LoRASculpt, and compare what each keeps.
+#   1. `llava-sculpt tiny --pretrain-steps 300`: the tiny LLaVA learns to answer "What colour is the square?"
+#      (the OK-VQA / GQA fixtures ask that) and to caption
+#   2. fixtures of IconQA (target: answer with the option's letter) and the four sources, `llava-sculpt prepare`
+#   3. zero-shot evaluation; LoRA and LoRASculpt fine-tuning on the IconQA fixture (rank 16, 150 steps, a high
+#      learning rate that provokes forgetting); evaluation; one Table 1-layout table
+# Results: playground/demo_forgetting/ (runs/, table1_iconqa.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-playground/demo_forgetting}
+METHODS=${METHODS:-"lora sculpt"}
+[ -f "$OUT/tiny/model/config.json" ] || llava-sculpt tiny --output-dir "$OUT/tiny" --seed 0 --pretrain-steps 300
+for dataset in iconqa okvqa ocrvqa gqa textvqa; do
+  n=8; [ "$dataset" = iconqa ] && n=48
+  if [ ! -f "$OUT/data/$dataset/manifest.json" ]; then
+    python -c "from llava_sculpt.data.prepare.synthetic_raw import write_raw_fixture as w; import sys; w(sys.argv[1], sys.argv[2], seed=0, n=int(sys.argv[3]))" \
+      "$dataset" "$OUT/raw/$dataset" "$n"
+    llava-sculpt prepare "$dataset" --raw-dir "$OUT/raw/$dataset" --out-dir "$OUT/data/$dataset" > /dev/null
+  fi
+done
+export DATA_ROOT="$OUT/data" NUM_GPUS=0 MAX_QUESTIONS=16 MAX_NEW_TOKENS=8
+BENCHMARKS="okvqa ocrvqa gqa textvqa iconqa" EVAL_DIR="$OUT/runs/zero-shot" \
+  bash scripts/eval_zero_shot.sh "$OUT/tiny/model" > /dev/null 2>&1
+image_folder=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['image_folder'])" "$OUT/data/iconqa/manifest.json")
+for method in $METHODS; do
+  run="$OUT/runs/$method"
+  [ -f "$run/training_complete.json" ] || \
+    MODEL_BASE="$OUT/tiny/model" DATA_PATH="$OUT/data/iconqa/train.json" IMAGE_FOLDER="$image_folder" \
+    OUTPUT_DIR="$run" METHOD="$method" LORA_R=16 bash scripts/finetune.sh --max_steps 150 \
+    --per_device_train_batch_size 8 --learning_rate 5e-3 --mm_projector_lr 5e-4 --sculpt_step 30 \
+    --gradient_checkpointing False --save_strategy no --disable_tqdm True > "$OUT/train_$method.log" 2>&1
+  model=$run; case $method in dare|tailor) model=$run/merged ;; esac
+  METHOD=$method LORA_R=16 EVAL_DIR="$run/eval" MODEL_BASE="$OUT/tiny/model" \
+    bash scripts/eval_source_target.sh "$model" iconqa > /dev/null 2>&1
+done
+llava-sculpt table "$OUT/runs/zero-shot" "$OUT"/runs/*/eval --format md --out "$OUT/table1_iconqa" > /dev/null
+cat "$OUT/table1_iconqa.md"
