@@ -239,3 +239,16 @@ def test_zero_bf16_keeps_exact_sparsity(stage, tiny_dir, tmp_path):
         assert int(torch.count_nonzero(value)) == int(value.numel() * 0.1), key
         mask = next(m for name, m in masks.items() if name.endswith(key.replace(".weight", "").split("model.", 1)[1]))
         assert torch.equal(value != 0, mask), key
+
+
+def test_separate_ratios_for_a_and_b(tiny_dir, tmp_path):
+    out = tmp_path / "ratios"
+    assert run_train(tiny_dir, out, *SCULPT, "--sculpt_ratio_a", "0.25", "--sculpt_ratio_b", "0.05", steps=3) == 0
+    for key, value in lm_lora(load_safetensors(out / "adapter_model.safetensors")).items():
+        ratio = 0.25 if ".lora_A." in key else 0.05
+        assert int(torch.count_nonzero(value)) == int(value.numel() * ratio), key
+    report = json.loads((out / "sparsity.json").read_text())
+    assert (report["s_A"], report["s_B"]) == (0.25, 0.05)
+    from llava_sculpt.methods.sculpt_ops import theorem31_bound
+
+    assert all(entry["bound"] == pytest.approx(theorem31_bound(0.25, 0.05, 4)) for entry in report["layers"].values())
