@@ -1,10 +1,15 @@
 """L2-Regularization baseline (paper Table 1 row (d); Appendix F: "L2 regularization with a hyperparameter
 (1e-3) to the LoRA weights, guiding the fine-tuned model closer to the pretrained model"; the idea of a
-quadratic pull towards the starting weights is Kirkpatrick et al., PNAS'17, with a uniform importance).
+quadratic pull towards the starting weights is the paper's ref. [28], EWC: Kirkpatrick et al., PNAS'17, Eq. 3,
+here with a uniform importance F_i = 1 and lambda in place of lambda/2, as Appendix F states it).
 
-    L = L_task + lambda * (1 / P) * sum_{t=1..P} mean( (theta_t - theta0_t)^2 )
+    L = L_task + lambda * sum_t || theta_t - theta0_t ||_F^2          (a plain sum of squares over all entries)
 
-theta_t runs over the P regularised tensors and theta0_t is each tensor's value when training starts:
+Not normalised by the number of tensors or by their sizes: on LLaVA-7B at r = 32 (448 adapter tensors,
+131,072 entries in one q_proj A) such a mean would be ~6e7 times weaker, its gradient (rms ~3e-13) would
+change no entry of a bf16 task gradient, and `--method l2` would silently train plain LoRA.
+
+theta_t runs over the regularised tensors and theta0_t is each tensor's value when training starts:
 with a fresh adapter B's reference is 0 and A's is its random initialisation (with --lora_weight_path, the
 loaded adapter).  The regularised tensors are every trainable tensor of the adapter (lora_A / lora_B, plus
 the biases --lora_bias trains, if any).  The projector is fully fine-tuned, not a LoRA weight, so it is left
@@ -52,7 +57,7 @@ def regularised_parameters(model, include_projector: bool = False) -> dict[str, 
 
 
 def l2_penalty(params: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(1 / P) * sum_t mean((params[t] - refs[t])^2), a differentiable scalar (refs are constants).
+    """sum_t ||params[t] - refs[t]||_F^2, a differentiable scalar (refs are constants; EWC Eq. 3 with F = 1).
 
     Computed in float64 if any parameter is float64, else in float32."""
     if len(params) != len(refs) or not params:
@@ -62,9 +67,9 @@ def l2_penalty(params: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> 
     total = None
     with torch.autocast(params[0].device.type, enabled=False):
         for p, ref in zip(params, refs):
-            term = (p.to(dtype) - ref.detach().to(dtype)).square().mean()
+            term = (p.to(dtype) - ref.detach().to(dtype)).square().sum()
             total = term if total is None else total + term
-    return total / len(params)
+    return total
 
 
 class L2Method(FineTuningMethod):
