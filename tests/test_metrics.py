@@ -90,14 +90,64 @@ def test_paper_compat_okvqa_the_dog():
     assert m.vqa_accuracy("the dog", identical, normalize_mode="official") == 1.0
 
 
-def test_paper_compat_okvqa_punctuation_only():
-    # paper: prediction lower-cased + punctuation, GT punctuation only (never lower-cased)
-    assert m.vqa_accuracy("Ice-Cream", ["ice cream"] * 10, normalize_mode="paper") == 1.0
-    assert m.vqa_accuracy("yes", ["Yes"] * 10, normalize_mode="paper") == 0.0
-    assert m.vqa_accuracy("two", ["2"] * 9 + ["3"], normalize_mode="paper") == 0.0
-    assert m.vqa_accuracy("2", ["two"] * 2 + ["2"] + ["3"] * 7, normalize_mode="paper") == pytest.approx(0.3)
+def test_paper_compat_okvqa_rejects_unknown_mode():
     with pytest.raises(ValueError):
         m.vqa_accuracy("a", ["a"], normalize_mode="strict")
+
+
+# The LoRASculpt release's LAVIS port (REFERENCE.md section 4), by hand:
+#   prediction P' = full normalisation ALWAYS (newline/tab -> space, strip, punctuation, lower-case,
+#                   number words -> digits, articles dropped, contractions);
+#   each GT g'    = punctuation step only, and only if the 10 RAW answers are not all identical; else raw g.
+#                   Never stripped, never lower-cased, no number/article mapping.
+#   score         = leave-one-out soft accuracy of P' against the g': k matches -> 0.3 k (k <= 3), 1.0 (k >= 4).
+# Official (vqaEval.py): strip both sides; full normalisation of BOTH only if the stripped GT differ.
+@pytest.mark.parametrize("pred, gts, official, paper", [
+    # "Dog" vs 10 x "dog". paper: P' = "dog"; GT identical -> raw "dog"; k = 10 -> 1.0.
+    #   official: identical GT -> nothing normalised, "Dog" != "dog" -> 0.
+    ("Dog", ["dog"] * 10, 0.0, 1.0),
+    # tabs/newlines/period on the prediction: P' = "The Dog." -> "The Dog" -> "dog"; k = 10 -> 1.0.
+    #   official: "The\tDog.\n" cleaned to "The Dog." != "dog" -> 0.
+    ("The\tDog.\n", ["dog"] * 10, 0.0, 1.0),
+    # "two" vs mixed "2"/"3": P' = "2"; GT mixed -> punctuation leaves "2" x9, "3"; k = 9 -> 1.0.
+    #   official: both normalised, "2" x9 -> 1.0.  (The old lower-case-only reading kept "two" -> 0.)
+    ("two", ["2"] * 9 + ["3"], 1.0, 1.0),
+    # "two" vs 10 x "2": P' = "2" (prediction normalised whatever the GT is); raw "2" x10 -> 1.0.
+    #   official: identical GT -> "two" != "2" -> 0.
+    ("two", ["2"] * 10, 0.0, 1.0),
+    # number words in the GT are not mapped: P' = "2"; GT mixed -> "two" x2 stay, "2" x1; k = 1 -> 0.3.
+    #   official: "two" x2 + "2" -> "2" x3; k = 3 -> 0.9.
+    ("2", ["two"] * 2 + ["2"] + ["3"] * 7, 0.9, 0.3),
+    # "the dog" vs "the dog" x3 + "dog" + "cat" x6: P' = "dog"; GT keeps "the dog" x3, "dog" x1; k = 1 -> 0.3.
+    #   official: "the dog" -> "dog", so "dog" x4; k = 4 -> 1.0.  (Lower-case-only reading: k = 3 -> 0.9.)
+    ("the dog", ["the dog"] * 3 + ["dog"] + ["cat"] * 6, 1.0, 0.3),
+    # GT capitals are never lower-cased: P' = "paris"; GT mixed -> "Paris" x8 stay; k = 0 -> 0.
+    #   official: "Paris" -> "paris" x8 -> 1.0.
+    ("Paris", ["Paris"] * 8 + ["france"] * 2, 1.0, 0.0),
+    # identical capitalised GT: P' = "paris" vs raw "Paris" x10 -> 0.  official: "Paris" == "Paris" -> 1.0.
+    ("Paris", ["Paris"] * 10, 1.0, 0.0),
+    # only the lower-case GT answers can match: P' = "paris"; "paris" x2 of "Paris" x5, "paris" x2,
+    #   "france" x3; k = 2 -> 0.6.  official: "paris" x7 -> 1.0.
+    ("PARIS", ["Paris"] * 5 + ["paris"] * 2 + ["france"] * 3, 1.0, 0.6),
+    # GT whitespace is never stripped: raw "dog" x2, " dog" x8 differ -> punctuation leaves " dog" as is;
+    #   P' = "dog"; k = 2 -> 0.6.  official: stripping first makes all ten "dog" -> identical, k = 10 -> 1.0.
+    ("dog", ["dog"] * 2 + [" dog"] * 8, 1.0, 0.6),
+    # identical GT "dog\n" x10: raw kept, "dog" != "dog\n" -> 0.  official: cleaned to "dog" -> 1.0.
+    ("dog", ["dog\n"] * 10, 1.0, 0.0),
+    # the punctuation step does apply to a mixed GT: "ice-cream" -> "ice cream" x3, "icecream" x7;
+    #   P' = "ice cream"; k = 3 -> 0.9.  official: the same strings after normalisation -> 0.9.
+    ("Ice-Cream", ["ice-cream"] * 3 + ["icecream"] * 7, 0.9, 0.9),
+    # identical GT gets no punctuation step: P' = "ice cream" vs raw "ice-cream" x10 -> 0; official: 0.
+    ("ice cream", ["ice-cream"] * 10, 0.0, 0.0),
+    # identical GT, prediction normalised: "Ice-Cream" -> "ice cream" == raw "ice cream" x10 -> 1.0.
+    #   official: "Ice-Cream" != "ice cream" -> 0.
+    ("Ice-Cream", ["ice cream"] * 10, 0.0, 1.0),
+    # "yes" vs "Yes" x10: P' = "yes" != raw "Yes" -> 0.  official: identical, "yes" != "Yes" -> 0.
+    ("yes", ["Yes"] * 10, 0.0, 0.0),
+])
+def test_okvqa_official_and_paper_readings(pred, gts, official, paper):
+    assert m.vqa_accuracy(pred, gts, normalize_mode="official") == pytest.approx(official, abs=1e-12)
+    assert m.vqa_accuracy(pred, gts, normalize_mode="paper") == pytest.approx(paper, abs=1e-12)
 
 
 # ------------------------------------------------------------------ TextVQA (m4c)
@@ -114,12 +164,31 @@ def test_textvqa_always_normalises():
 
 
 # ------------------------------------------------------------------ exact-match tasks
-def test_gqa_match():
-    assert m.gqa_match("Yes.", "yes")
-    assert m.gqa_match("left", "left")
-    assert m.gqa_match("Table..", "table")
-    assert not m.gqa_match("The table", "table")
-    assert not m.gqa_match("no", "yes")
+@pytest.mark.parametrize("pred, answer, correct", [
+    # LLaVA's conversion text.rstrip('.').lower(), then GQA eval.py's `prediction == answer`
+    ("Yes.", "yes", True),        # trailing "." removed, lower-cased
+    ("yes..", "yes", True),       # rstrip('.') removes every trailing period
+    ("Table..", "table", True),
+    ("left", "left", True),
+    (" yes", "yes", False),       # no whitespace strip: LLaVA's runner had already stripped the text
+    ("yes\n", "yes", False),
+    ("yes. ", "yes", False),      # the space ends the text, so the period is not trailing
+    ("Yes", "Yes", False),        # only the prediction is lower-cased; the answer is used as it is
+    ("The table", "table", False),
+    ("no", "yes", False),
+])
+def test_gqa_match(pred, answer, correct):
+    assert m.gqa_match(pred, answer) is correct
+
+
+def test_gqa_accuracy_counts_balanced_questions_only():
+    # by hand: balanced -> "Yes." right, " no" wrong (no strip): 1/2 = 0.5; the two unbalanced questions
+    # ("left", "red." -> "red", both right) are ignored.  Counting them would give 3/4 = 0.75 instead.
+    items = [("Yes.", "yes", True), (" no", "no", True), ("left", "left", False), ("red.", "red", False)]
+    assert m.gqa_accuracy(items) == (0.5, 2, 2)
+    assert m.gqa_accuracy(items[:2]) == (0.5, 2, 0)
+    with pytest.raises(ValueError):
+        m.gqa_accuracy(items[2:])
 
 
 @pytest.mark.parametrize("pred, answer, official, paper", [

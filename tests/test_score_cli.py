@@ -27,10 +27,10 @@ def run_score(tmp_path, task, annotation, result, *extra):
 # hand-computed expected scores (0-100), per fixture:
 #   okvqa   101 "Dog." vs 9x"the dog"+"dogs": official 1.0 | paper 0   (GT keeps "the")
 #           102 "Yes"  vs 10x"yes":             official 0   | paper 1.0 (identical GT: no lower-casing)
-#           103 "2" vs 2x"two","2",7x"three":   official 0.9 | paper 0.3
+#           103 "2" vs 2x"two","2",7x"three":   official 0.9 | paper 0.3 (GT "two" is not mapped to "2")
 #           104 "ice-cream" vs 2x"ice cream",8x"icecream": 0.6 in both
 #   textvqa 1.0 ("coca cola" 5 matches), 0.6 ("1000" 2 matches), 0.3 ("The Nike." 1 match)
-#   gqa     "Yes." ok, "left" ok, "The table" wrong
+#   gqa     "Yes." ok, "left" ok, "The table" wrong (all three isBalanced; paper == official)
 #   iconqa  "B" ok, "c." ok officially, " A" ok officially, "D" wrong
 #   ocrvqa  "yes" ok, "harry potter." ok officially, "Travel" wrong
 CASES = [
@@ -39,6 +39,7 @@ CASES = [
     ("textvqa", "official", 100 * (1.0 + 0.6 + 0.3) / 3, 3),
     ("textvqa", "paper", 100 * (1.0 + 0.6 + 0.3) / 3, 3),
     ("gqa", "official", 100 * 2 / 3, 3),
+    ("gqa", "paper", 100 * 2 / 3, 3),
     ("iconqa", "official", 75.0, 4),
     ("iconqa", "paper", 25.0, 4),
     ("ocrvqa", "official", 100 * 2 / 3, 3),
@@ -65,6 +66,52 @@ def test_score_per_task(tmp_path, capsys, task, compat, expected, n):
     assert payload["partial"] is False
     assert ("compat_note" in payload) == (task in ("gqa", "textvqa", "coco"))
     assert f"{expected:.2f}" in capsys.readouterr().out
+
+
+def _gqa_files(tmp_path, entries, answers):
+    """A GQA questions file {qid: {question, answer, fullAnswer, imageId[, isBalanced]}} and answer lines."""
+    data = {}
+    for qid, answer, balanced in entries:
+        data[qid] = {"question": "q?", "answer": answer, "fullAnswer": answer + ".", "imageId": "n" + qid}
+        if balanced is not None:
+            data[qid]["isBalanced"] = balanced
+    ann = tmp_path / "testdev_balanced_questions.json"
+    ann.write_text(json.dumps(data))
+    rows = [{"question_id": q, "prompt": "q", "text": t} for q, t in answers]
+    res = _write(tmp_path / "gqa_answers.jsonl", rows)
+    return str(ann), res
+
+
+@pytest.mark.parametrize("compat", ["official", "paper"])
+def test_gqa_skips_unbalanced_questions(tmp_path, capsys, compat):
+    # by hand: balanced 301 "Yes." -> "yes" right, 302 " yes" wrong (no strip), 304 "table.." -> "table"
+    # right: 2/3.  Unbalanced 303 ("left", right) is ignored; counting it would give 3/4 = 75.
+    ann, res = _gqa_files(tmp_path, [("301", "yes", True), ("302", "yes", True), ("303", "left", False),
+                                     ("304", "table", True)],
+                          [("301", "Yes."), ("302", " yes"), ("303", "left"), ("304", "table..")])
+    payload = run_score(tmp_path, "gqa", ann, res, "--compat", compat)
+    assert payload["score"] == pytest.approx(100 * 2 / 3, abs=1e-9)
+    assert (payload["num_samples"], payload["num_counted"], payload["num_skipped_unbalanced"]) == (3, 3, 1)
+    assert payload["partial"] is False and payload["num_annotated"] == 4
+    out = capsys.readouterr().out
+    assert "66.67" in out and "n=3" in out and "1 unbalanced questions not counted" in out
+
+
+def test_gqa_is_balanced_missing_or_invalid(tmp_path, capsys):
+    # no isBalanced field: counted as balanced, with a warning -> 301 right, 302 wrong: 50
+    ann, res = _gqa_files(tmp_path, [("301", "yes", None), ("302", "no", True)],
+                          [("301", "yes"), ("302", "yes")])
+    payload = run_score(tmp_path, "gqa", ann, res)
+    assert payload["score"] == 50.0 and (payload["num_counted"], payload["num_skipped_unbalanced"]) == (2, 0)
+    assert "1 of 2 entries have no 'isBalanced' field" in " ".join(capsys.readouterr().err.split())
+    # a non-boolean flag is a user error
+    ann, res = _gqa_files(tmp_path, [("301", "yes", "yes")], [("301", "yes")])
+    message = _error(capsys, ["gqa", "--annotation-file", ann, "--result-file", res])
+    assert "'isBalanced' must be true or false" in message
+    # nothing balanced: the accuracy is undefined
+    ann, res = _gqa_files(tmp_path, [("301", "yes", False)], [("301", "yes")])
+    message = _error(capsys, ["gqa", "--annotation-file", ann, "--result-file", res])
+    assert "none of the 1 answered questions" in message
 
 
 def test_textvqa_question_id_results_match_image_id_results(tmp_path):

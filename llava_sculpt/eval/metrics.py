@@ -1,8 +1,10 @@
 """Pure metric functions of the evaluation harness (no file I/O; REFERENCE.md section 4).
 
-* `vqa_accuracy`      OK-VQA, official GT-Vision-Lab VQA accuracy (or the LoRASculpt release's port, `paper`).
+* `vqa_accuracy`      OK-VQA, official GT-Vision-Lab VQA accuracy (or the LoRASculpt release's LAVIS port,
+                      `paper`: full normalisation of the prediction always, punctuation-only on the ground truth).
 * `textvqa_accuracy`  TextVQA, the m4c soft accuracy LLaVA reports (normalisation always on both sides).
-* `gqa_match`         GQA testdev-balanced exact match.
+* `gqa_match`, `gqa_accuracy`  GQA testdev-balanced: LLaVA's `text.rstrip('.').lower()` then GQA eval.py's
+                      exact match, counted over `isBalanced` questions only.
 * `exact_match`       IconQA / OCR-VQA exact match (`official` or the release's raw lower-case equality).
 * `cider_scores`, `caption_scores`  COCO CIDEr-D (+ BLEU-4, METEOR, ROUGE-L) through pycocoevalcap on
   PTB-tokenised text.  These two start Java sub-processes (PTB tokenizer, METEOR) but read/write no files
@@ -125,27 +127,45 @@ def soft_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
 
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str], normalize_mode: Compat = "official") -> float:
-    """OK-VQA accuracy of one prediction, 0-1.
+    """OK-VQA accuracy of one prediction, 0-1: `soft_accuracy` after the mode's normalisation.
 
-    official: newline/tab/whitespace clean-up on both sides; the full normalisation
-      (`normalize_vqa_answer`) of prediction AND ground truth only when the ground-truth answers are not
-      all identical (so "Dog" vs 10 x "dog" scores 0: nothing is lower-cased then).
-    paper: the LoRASculpt release's port: the prediction is lower-cased, both sides get the punctuation
-      step only (always), ground truth is never lower-cased, no number/article/contraction handling
-      ("dog" vs "the dog" never matches).
+    official (GT-Vision-Lab vqaEval.py): see `_official_vqa_sides`.
+    paper (the LoRASculpt release's LAVIS port, its llava/eval/vqa_eval.py): see `_paper_vqa_sides`.
+    REFERENCE.md section 4 states both rules.
     """
-    pred = clean_whitespace(prediction)
-    gts = [clean_whitespace(g) for g in gt_answers]
     if normalize_mode == "official":
-        if len(set(gts)) > 1:
-            pred = normalize_vqa_answer(pred)
-            gts = [normalize_vqa_answer(g) for g in gts]
+        pred, gts = _official_vqa_sides(prediction, gt_answers)
     elif normalize_mode == "paper":
-        pred = process_punctuation(pred.lower()).strip()
-        gts = [process_punctuation(g).strip() for g in gts]
+        pred, gts = _paper_vqa_sides(prediction, gt_answers)
     else:
         raise ValueError(f"normalize_mode must be 'official' or 'paper', not {normalize_mode!r}")
     return soft_accuracy(pred, gts)
+
+
+def _official_vqa_sides(prediction: str, gt_answers: Sequence[str]) -> tuple[str, list[str]]:
+    """Official rule: newline/tab/surrounding-whitespace clean-up on both sides; then the full normalisation
+    (`normalize_vqa_answer`) of prediction AND ground truth only when the cleaned ground-truth answers are
+    not all identical (so "Dog" vs 10 x "dog" scores 0: nothing is lower-cased then)."""
+    pred = clean_whitespace(prediction)
+    gts = [clean_whitespace(g) for g in gt_answers]
+    if len(set(gts)) > 1:
+        return normalize_vqa_answer(pred), [normalize_vqa_answer(g) for g in gts]
+    return pred, gts
+
+
+def _paper_vqa_sides(prediction: str, gt_answers: Sequence[str]) -> tuple[str, list[str]]:
+    """The release's port treats the two sides differently (REFERENCE.md section 4):
+    prediction: ALWAYS the full official normalisation (newline/tab -> space, strip, punctuation step,
+      lower-case + number words + articles + contractions), whatever the ground truth looks like;
+    ground truth: ONLY the punctuation step, and only when the raw answers are not all identical; never
+      stripped, never lower-cased, no number/article/contraction mapping.
+    So "Dog" vs 10 x "dog" scores 1, "the dog" never matches a ground-truth "the dog", "Paris" never matches
+    a ground-truth "Paris", and a ground-truth " dog" never matches."""
+    pred = normalize_vqa_answer(prediction)
+    gts = list(gt_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(g) for g in gts]
+    return pred, gts
 
 
 def textvqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
@@ -155,10 +175,32 @@ def textvqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
                          [normalize_m4c_answer(g) for g in gt_answers])
 
 
+def gqa_prediction(text: str) -> str:
+    """LLaVA's GQA conversion (scripts/convert_gqa_for_eval.py): `text.rstrip('.').lower()`.  Every trailing
+    period goes, whitespace is NOT stripped (LLaVA's runner already stripped the generated text)."""
+    return text.rstrip(".").lower()
+
+
 def gqa_match(prediction: str, answer: str) -> bool:
-    """GQA testdev-balanced exact match: prediction with surrounding whitespace and trailing "." removed,
-    lower-cased, equal to the annotation's `answer` (LLaVA's conversion + GQA's eval.py)."""
-    return prediction.strip().rstrip(".").lower() == answer
+    """GQA's official eval.py per-question rule, `prediction == answer`, on the converted prediction
+    (`gqa_prediction`); the annotation's `answer` is used as it is."""
+    return gqa_prediction(prediction) == answer
+
+
+def gqa_accuracy(items: Iterable[tuple[str, str, bool]]) -> tuple[float, int, int]:
+    """GQA accuracy, 0-1, over (prediction, answer, is_balanced) triples, as GQA's official eval.py computes
+    its "accuracy": only questions whose `isBalanced` is true count; the others are ignored entirely (in
+    neither numerator nor denominator).  Returns (accuracy, number counted, number skipped as unbalanced)."""
+    correct = counted = skipped = 0
+    for prediction, answer, balanced in items:
+        if not balanced:
+            skipped += 1
+            continue
+        counted += 1
+        correct += gqa_match(prediction, answer)
+    if counted == 0:
+        raise ValueError(f"gqa_accuracy: no balanced question to score ({skipped} unbalanced skipped)")
+    return correct / counted, counted, skipped
 
 
 def _strip_answer(text: str) -> str:

@@ -7,7 +7,10 @@ Annotation files (official formats, or the question JSONL with answers):
     okvqa    {"annotations": [{question_id, answers: [{answer}, ...]}]}; --question-file (optional)
              {"questions": [{question_id}]} or JSON lines restricts/validates the question set
     textvqa  TextVQA_0.5.1_val.json {"data": [{question_id, image_id, question, answers: [10 str]}]}
-    gqa      testdev_balanced_questions.json {qid: {answer, ...}}
+    gqa      testdev_balanced_questions.json {qid: {answer, isBalanced, ...}} (the raw GQA file, or the
+             annotations.json `llava-sculpt prepare gqa` writes: the same entries, restricted).  Only
+             questions with isBalanced true are scored (GQA's eval.py); an entry without the field is
+             counted as balanced (the testdev_balanced file holds balanced questions only) with a warning.
     iconqa, ocrvqa  JSON lines (or a JSON list) {"question_id", "answer", ...}
     coco     COCO caption format {"images": [{id}], "annotations": [{image_id, caption}]}
 Result files: LLaVA answer lines {"question_id", "prompt", "text", ...} (JSON lines, or one JSON list).
@@ -17,11 +20,14 @@ Result files: LLaVA answer lines {"question_id", "prompt", "text", ...} (JSON li
     as LLaVA's scorer does.  When several annotation entries share that pair, the n-th such result line
     is scored against the n-th entry (LLaVA's dict keeps only the last entry).
 Output: the score on stdout; with --json-out, {"task", "metric", "score" (0-100; CIDEr x 100),
-"num_samples", "compat", ...}.  Missing, duplicate or unknown ids are an error (exit 2) unless
---allow-partial, which warns and scores the answered questions only (the first of duplicates).
+"num_samples" (questions in the score), "compat", ...}; gqa adds "num_counted" (= num_samples) and
+"num_skipped_unbalanced" (answered, but ignored because isBalanced is false).  Missing, duplicate or
+unknown ids are an error (exit 2) unless --allow-partial, which warns and scores the answered questions
+only (the first of duplicates).
 
---compat paper reproduces the LoRASculpt release's scorers (OK-VQA punctuation-only port, IconQA/OCR-VQA
-raw lower-case equality); for gqa, textvqa and coco it is identical to official.
+--compat paper reproduces the LoRASculpt release's scorers (OK-VQA LAVIS port: full normalisation of the
+prediction always, punctuation only on the ground truth; IconQA/OCR-VQA raw lower-case equality); for gqa,
+textvqa and coco it is identical to official.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ class Annotations:
     gt: dict[str, Any]
     aliases: dict[str, str] = field(default_factory=dict)
     image_ids: frozenset[str] = frozenset()  # textvqa: result question_ids that are image ids
+    unbalanced: frozenset[str] = frozenset()  # gqa: isBalanced false (answered, but not scored)
+    unflagged: int = 0  # gqa: entries without an isBalanced field (counted as balanced)
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -159,12 +167,25 @@ def _image_question_key(image: str, question: str, occurrence: int) -> str:
 
 
 def _load_gqa(path: str) -> Annotations:
+    """GQA questions file {qid: {"answer", "isBalanced", ...}}.  GQA's eval.py scores only entries whose
+    isBalanced is true; a missing field counts as balanced (every entry of testdev_balanced_questions.json
+    is balanced, and eval.py itself would stop on it) and is reported by `score_task`."""
     data = _read_json(path, "annotation file")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UserError(f"annotation file {path}: expected GQA testdev_balanced_questions.json "
-                        '{qid: {"question", "answer", ...}}.')
-    return Annotations({str(qid): str(_field(v, ["answer"], path, i, "annotation file"))
-                        for i, (qid, v) in enumerate(data.items(), start=1)})
+                        '{qid: {"question", "answer", "isBalanced", ...}}.')
+    gt, unbalanced, unflagged = {}, set(), 0
+    for number, (qid, entry) in enumerate(data.items(), start=1):
+        gt[str(qid)] = str(_field(entry, ["answer"], path, number, "annotation file"))
+        balanced = entry.get("isBalanced")
+        if balanced is None:
+            unflagged += 1
+        elif not isinstance(balanced, bool):
+            raise UserError(f"annotation file {path}, entry {number} (question {qid}): 'isBalanced' must be "
+                            f"true or false, got {balanced!r}.")
+        elif not balanced:
+            unbalanced.add(str(qid))
+    return Annotations(gt, unbalanced=frozenset(unbalanced), unflagged=unflagged)
 
 
 def _load_answer_lines(path: str) -> Annotations:
@@ -291,30 +312,47 @@ def score_task(task: str, annotation_file: str, result_file: str, question_file:
     ann = load_annotations(task, annotation_file, question_file)
     pairs, counts = match_results(task, ann, result_file, allow_partial)
     payload: dict[str, Any] = {"task": task, "metric": METRIC_NAMES[task]}
+    num_scored = len(pairs)
     if task == "coco":
         gts = {k: ann.gt[k] for k, _ in pairs}
         res = {k: [text] for k, text in pairs}
         caps = metrics.caption_scores(gts, res, extra=not cider_only)
         payload["score"] = 100.0 * caps["cider"]
         payload.update({name: 100.0 * value for name, value in caps.items()})
+    elif task == "gqa":
+        payload.update(_score_gqa(ann, pairs, annotation_file))
+        num_scored = payload["num_counted"]
     else:
         per_question: Callable[[str, Any], float]
         if task == "okvqa":
             per_question = lambda p, g: metrics.vqa_accuracy(p, g, normalize_mode=compat)  # noqa: E731
         elif task == "textvqa":
             per_question = metrics.textvqa_accuracy
-        elif task == "gqa":
-            per_question = lambda p, g: float(metrics.gqa_match(p, g))  # noqa: E731
         else:
             per_question = lambda p, g: float(metrics.exact_match(p, g, compat))  # noqa: E731
         payload["score"] = 100.0 * _mean([per_question(text, ann.gt[k]) for k, text in pairs])
-    payload.update({"num_samples": len(pairs), "compat": compat, "num_annotated": len(ann.gt),
+    payload.update({"num_samples": num_scored, "compat": compat, "num_annotated": len(ann.gt),
                     "partial": any(counts.values()), **counts,
                     "annotation_file": os.path.abspath(annotation_file),
                     "result_file": os.path.abspath(result_file)})
     if task in PAPER_EQUALS_OFFICIAL:
         payload["compat_note"] = f"paper and official scoring are identical for {task}"
     return payload
+
+
+def _score_gqa(ann: Annotations, pairs: Sequence[tuple[str, str]], annotation_file: str) -> dict[str, Any]:
+    """GQA's official eval.py accuracy (same for both --compat values): exact match over the answered
+    questions whose isBalanced is true; unbalanced ones are ignored (REFERENCE.md section 4)."""
+    if ann.unflagged:
+        print(f"llava-sculpt: warning: annotation file {annotation_file}: {ann.unflagged} of {len(ann.gt)} "
+              "entries have no 'isBalanced' field; they are counted as balanced.", file=sys.stderr)
+    triples = [(text, ann.gt[k], k not in ann.unbalanced) for k, text in pairs]
+    try:
+        accuracy, counted, skipped = metrics.gqa_accuracy(triples)
+    except ValueError:
+        raise UserError(f"annotation file {annotation_file}: none of the {len(pairs)} answered questions has "
+                        "isBalanced true, so GQA's accuracy is undefined.") from None
+    return {"score": 100.0 * accuracy, "num_counted": counted, "num_skipped_unbalanced": skipped}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ""
     if args.task == "coco" and not args.cider_only:
         extra = "  " + "  ".join(f"{k}={payload[k]:.2f}" for k in ("bleu4", "meteor", "rouge_l"))
+    if payload.get("num_skipped_unbalanced"):
+        extra += f"  ({payload['num_skipped_unbalanced']} unbalanced questions not counted)"
     print(f"{args.task}: {payload['metric']} = {payload['score']:.2f} "
           f"(n={payload['num_samples']}, compat={args.compat}){extra}")
     if args.json_out:
