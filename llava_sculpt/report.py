@@ -6,7 +6,9 @@ and renders a Fig. 5-style PNG (paper Sec. 4.3.3): x = decoder layer index, one 
 (q/k/v/o/gate/up/down), y = fraction of non-zeros of B A, with the expected density 1 - (1 - s_A s_B)^r of
 Theorem 3.1 as a grey line.  Modules without a `layers.<i>.` index (e.g. the projector) are listed, not plotted.
 When RUN_DIR/trainer_state.json exists (every training run writes it), RUN_DIR/training.png shows the logged
-loss per optimizer step and, on a second axis, the method's penalty (e.g. `sculpt_penalty`), if logged.
+loss per optimizer step and, on a second axis, the method's penalty (e.g. `sculpt_penalty`), if logged; and,
+for LoRASculpt runs, a second panel with `cmr_grad_ratio` (||CMR gradient|| / ||task gradient|| over the
+regularised LoRA tensors, log scale): whether the regularizer does anything at the chosen lambda.
 """
 from __future__ import annotations
 
@@ -106,8 +108,9 @@ def render(doc: dict, out_path: str) -> tuple[int, list[str]]:
     return plotted, skipped
 
 
-def render_training(state_path: str, out_path: str) -> int:
-    """Loss (and the logged `<method>_penalty`) per step from a Trainer's trainer_state.json; returns points."""
+def render_training(state_path: str, out_path: str) -> tuple[int, list[str]]:
+    """Loss (and the logged `<method>_penalty`, `cmr_grad_ratio`) per step from a Trainer's trainer_state.json;
+    returns (number of logged steps, names of the plotted series)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -118,9 +121,11 @@ def render_training(state_path: str, out_path: str) -> int:
         raise UserError(f"{state_path}: cannot read the training log ({err})") from None
     logs = [h for h in history if isinstance(h, dict) and "loss" in h and "step" in h]
     penalty_key = next((k for h in logs for k in h if k.endswith("_penalty")), None)
-    fig = Figure(figsize=(8, 4))
+    ratios = [(h["step"], h["cmr_grad_ratio"]) for h in logs if h.get("cmr_grad_ratio", 0) > 0]
+    series = ["loss"]
+    fig = Figure(figsize=(8, 6.5 if ratios else 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(2 if ratios else 1, 1, 1)
     ax.plot([h["step"] for h in logs], [h["loss"] for h in logs], color="tab:blue", linewidth=1.2,
             label="loss (task + penalty)")
     ax.set_xlabel("optimizer step")
@@ -133,12 +138,23 @@ def render_training(state_path: str, out_path: str) -> int:
                  label=penalty_key)
         ax2.set_ylabel(penalty_key)
         ax2.legend(loc="upper right", fontsize=8)
+        series.append(penalty_key)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"Training curves ({os.path.basename(os.path.dirname(os.path.abspath(state_path)))})")
+    if ratios:
+        ax3 = fig.add_subplot(2, 1, 2, sharex=ax)
+        ax3.plot([p[0] for p in ratios], [p[1] for p in ratios], color="tab:green", linewidth=1.2,
+                 label="||CMR grad|| / ||task grad||")
+        ax3.set_yscale("log")
+        ax3.set_xlabel("optimizer step")
+        ax3.set_ylabel("cmr_grad_ratio")
+        ax3.grid(alpha=0.3, which="both")
+        ax3.legend(loc="best", fontsize=8)
+        series.append("cmr_grad_ratio")
     fig.tight_layout()
     with atomic_open(out_path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)
-    return len(logs)
+    return len(logs), series
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,8 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"containing sparsity.json)")
     state_path = os.path.join(args.run_dir, "trainer_state.json")
     if os.path.isfile(state_path):
-        steps = render_training(state_path, os.path.join(args.run_dir, "training.png"))
-        print(f"training curves ({steps} logged steps): wrote {os.path.join(args.run_dir, 'training.png')}")
+        steps, series = render_training(state_path, os.path.join(args.run_dir, "training.png"))
+        print(f"training curves ({steps} logged steps; {', '.join(series)}): wrote "
+              f"{os.path.join(args.run_dir, 'training.png')}")
         if not os.path.isfile(os.path.join(args.run_dir, "sparsity.json")):
             print("no sparsity.json (not a LoRASculpt run): only the training curves")
             return 0

@@ -95,6 +95,14 @@ def test_report_training_curves_for_any_run(tmp_path, capsys):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     assert main([str(tmp_path)]) == 0  # no sparsity.json (e.g. a plain LoRA run): curves only
     out = capsys.readouterr().out
-    assert "training curves (8 logged steps)" in out and "only the training curves" in out
+    assert "training curves (8 logged steps; loss, sculpt_penalty)" in out and "only the training curves" in out
     assert (tmp_path / "training.png").read_bytes().startswith(PNG_MAGIC)
     assert sorted(os.listdir(tmp_path)) == ["trainer_state.json", "training.png"]
+    # a LoRASculpt run also logs cmr_grad_ratio: drawn in its own (log-scale) panel
+    for i, h in enumerate(history[:-1]):
+        h["cmr_grad_ratio"] = 10.0 ** -(3 + i % 2)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    small = (tmp_path / "training.png").stat().st_size
+    assert main([str(tmp_path)]) == 0
+    assert "(8 logged steps; loss, sculpt_penalty, cmr_grad_ratio)" in capsys.readouterr().out
+    assert (tmp_path / "training.png").stat().st_size > small

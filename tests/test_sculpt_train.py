@@ -121,9 +121,10 @@ def _tiny_peft(tiny_dir, method=None):
     return model
 
 
-@pytest.mark.parametrize("accumulation", [1, 3])
-def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, accumulation):
-    """The hook-injected CMR gradient equals adding lambda * mean ||M*(BA)||_F (dense, autograd) to the loss."""
+@pytest.mark.parametrize("accumulation,reduction", [(1, "mean"), (3, "mean"), (1, "sum")])
+def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, accumulation, reduction):
+    """The hook-injected CMR gradient equals adding lambda * mean (the release) or sum (Algorithm 1) of
+    ||M*(BA)||_F (dense, autograd) to the loss."""
     from llava_sculpt.methods.sculpt import SculptArguments, SculptMethod
     from llava_sculpt.methods.sculpt_ops import cmr_penalty_dense
     from test_train import sample_inputs
@@ -131,7 +132,7 @@ def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, ac
     lam = 0.7
     inputs = sample_inputs(tiny_processor, tiny_dir)
     inputs["labels"] = inputs["input_ids"].clone()
-    method = SculptMethod(SculptArguments(cmr_lambda=lam, cmr_chunk_rows=5))
+    method = SculptMethod(SculptArguments(cmr_lambda=lam, cmr_chunk_rows=5, cmr_reduction=reduction))
     hooked = _tiny_peft(tiny_dir, method)
     method._run = None
     loss = (hooked(**inputs).loss + method.extra_loss(hooked)) / accumulation
@@ -143,7 +144,8 @@ def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, ac
             penalties.append(cmr_penalty_dense(module.base_layer.weight.double(), module.lora_A["default"].weight.double(),
                                                module.lora_B["default"].weight.double()))
     assert len(penalties) == 6
-    ref_loss = (reference(**inputs).loss + lam * torch.stack(penalties).mean().float()) / accumulation
+    combined = torch.stack(penalties).sum() / (len(penalties) if reduction == "mean" else 1)
+    ref_loss = (reference(**inputs).loss + lam * combined.float()) / accumulation
     ref_loss.backward()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     got = {n: p.grad for n, p in hooked.named_parameters() if p.requires_grad}
@@ -154,8 +156,17 @@ def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, ac
     # the CMR really contributes on the q/k/v adapters
     plain = _tiny_peft(tiny_dir)
     (plain(**inputs).loss / accumulation).backward()
+    task = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     qa = next(n for n in got if "q_proj.lora_A" in n)
-    assert not torch.allclose(dict(plain.named_parameters())[qa].grad, got[qa], atol=1e-6)
+    assert not torch.allclose(task[qa], got[qa], atol=1e-6)
+    # cmr_grad_ratio = ||CMR gradient|| / ||task gradient|| over the regularised tensors, from the dense runs
+    regularised = [n for n in got if any(f"{t}.lora_" in n for t in ("q_proj", "k_proj", "v_proj"))]
+    assert len(regularised) == 12
+    cmr_sq = sum(float((ref[n].double() - task[n].double()).square().sum()) for n in regularised)
+    task_sq = sum(float(task[n].double().square().sum()) for n in regularised)
+    method._record_grad_ratio()
+    assert method.logs()["cmr_grad_ratio"] == pytest.approx((cmr_sq / task_sq) ** 0.5, rel=1e-3)
+    assert method.logs() == {}  # reset after each logged line
 
 
 def test_resume_before_and_after_pruning_reproduces_run(tiny_dir, tmp_path):
@@ -252,3 +263,80 @@ def test_separate_ratios_for_a_and_b(tiny_dir, tmp_path):
     from llava_sculpt.methods.sculpt_ops import theorem31_bound
 
     assert all(entry["bound"] == pytest.approx(theorem31_bound(0.25, 0.05, 4)) for entry in report["layers"].values())
+
+
+def test_connector_lora_learning_rate(tiny_dir, tmp_path):
+    """LoRA on the projector trains at --learning_rate by default, not at the fully trained projector's
+    --mm_projector_lr; --mm_projector_lora_lr sets it (0 here: its B must stay exactly at its zero init)."""
+    def projector_b(run_dir):
+        adapter = load_safetensors(run_dir / "adapter_model.safetensors")
+        return [v for k, v in adapter.items() if "multi_modal_projector" in k and "lora_B" in k]
+
+    connector = [*SCULPT, "--sculpt_connector", "True", "--mm_projector_lr", "1e-12"]
+    default = tmp_path / "default"
+    assert run_train(tiny_dir, default, *connector, steps=3) == 0
+    assert len(projector_b(default)) == 2
+    assert all(float(b.abs().max()) > 1e-4 for b in projector_b(default))  # moved at 1e-3, not at 1e-12
+    frozen = tmp_path / "zero_lr"
+    assert run_train(tiny_dir, frozen, *connector, "--mm_projector_lora_lr", "0", steps=3) == 0
+    assert all(not b.any() for b in projector_b(frozen))
+    assert any(v.any() for k, v in lm_lora(load_safetensors(frozen / "adapter_model.safetensors")).items()
+               if "lora_B" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_cmr_gradient_survives_bf16_zero2(tiny_dir, tmp_path):
+    """The paper's setting (bf16 + ZeRO-2): the fp32 gradient the optimizer steps with, minus the same gradient
+    with lambda = 0, equals lambda * mean-over-layers d||M*(BA)||_F, computed densely in float64 from the 16-bit
+    values the model held.  Added to the bf16 gradient instead, most of it would be rounded away (checked)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port, train_args
+    from llava_sculpt.methods.sculpt_ops import cmr_penalty_dense
+
+    lam = 1e-3  # the paper's lambda
+    records = {}
+    for value in (lam, 0.0):
+        out = tmp_path / f"lam{value}"
+        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu",
+                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        # beta1 = 0: Adam's first moment is the step's fp32 gradient; no clipping; no pruning in these 2 steps
+        args = train_args(tiny_dir, out, "--method", "sculpt", "--sculpt_step", "100", "--cmr_lambda", value,
+                          "--bf16", "True", "--use_cpu", "True", "--adam_beta1", "0", "--max_grad_norm", "0",
+                          "--deepspeed", zero_config(tmp_path, 2), steps=2)
+        proc = subprocess.run([sys.executable, "tests/ds_grad_probe.py", str(tmp_path / f"{value}.pt"), *args],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        records[value] = torch.load(tmp_path / f"{value}.pt")
+        logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        ratios = [h["cmr_grad_ratio"] for h in logs if "cmr_grad_ratio" in h]
+        assert len(ratios) == 2 and (ratios[1] > 0) == (value > 0)
+    with_cmr, without = records[lam], records[0.0]
+    # step 1 has B = 0 (no CMR gradient), so both runs enter step 2 with the same parameters
+    assert all(torch.equal(with_cmr["params"][k], without["params"][k]) for k in with_cmr["params"])
+    layers = sorted(with_cmr["weights"])
+    assert len(layers) == 6
+    diff, ref, task = [], [], []
+    for name in layers:
+        A = with_cmr["params"][f"{name}.lora_A"].double().requires_grad_(True)
+        B = with_cmr["params"][f"{name}.lora_B"].double().requires_grad_(True)
+        assert B.abs().sum() > 0
+        grad_a, grad_b = torch.autograd.grad(lam / len(layers) * cmr_penalty_dense(
+            with_cmr["weights"][name].double(), A, B), (A, B))
+        for part, expected in (("lora_A", grad_a), ("lora_B", grad_b)):
+            key = f"{name}.{part}"
+            diff.append((with_cmr["grads"][key].double() - without["grads"][key].double()).reshape(-1))
+            ref.append(expected.reshape(-1))
+            task.append(without["grads"][key].reshape(-1))
+    diff, ref, task = torch.cat(diff), torch.cat(ref), torch.cat(task)
+    assert float((diff - ref).norm() / ref.norm()) < 0.01
+    # the setting is one where adding the CMR to the bf16 gradient (what autograd hooks on bf16 parameters do)
+    # would fail the same check by far: entries below half a bf16 ulp of the task gradient are lost, the rest
+    # rounded to 8 bits
+    in_bf16 = (task.bfloat16() + ref.bfloat16()).double() - task.bfloat16().double()
+    assert float((in_bf16 - ref).norm() / ref.norm()) > 0.2
+    assert float(((task.bfloat16() + ref.bfloat16()) == task.bfloat16())[ref != 0].float().mean()) > 0.3

@@ -6,6 +6,7 @@ A method is a plain class with a flags dataclass.  The trainer calls, in this or
     on_train_begin(model, run)              once, after the optimizer exists (resume state already loaded)
     extra_loss(model) -> Tensor | None      added to the task loss once per optimizer step (see train.py)
     after_optimizer_step(model, step, run)  after every optimizer step; `step` = completed optimizer steps
+    logs() -> dict[str, float]              extra values for the next logged line (e.g. averages since the last)
     state_dict() / load_state_dict(d)       tensors saved in every checkpoint as `method_state.safetensors`
     post_training(run_dir, model, run)      after training, on the main process (e.g. reports, transforms)
 
@@ -56,6 +57,9 @@ class FineTuningMethod:
 
     def after_optimizer_step(self, model, step: int, run: RunContext) -> None:
         pass
+
+    def logs(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -1,6 +1,7 @@
 """LoRASculpt (Liang et al., CVPR 2025): sparse LoRA after a warm-up + Conflict Mitigation Regularizer.
 
-    L = L_task + lambda * mean_{l in q,k,v} ||M_l * (B_l A_l)||_F                 (paper Eq. 8-9)
+    L = L_task + lambda * mean_{l in q,k,v} ||M_l * (B_l A_l)||_F                 (paper Eq. 8-9, the release)
+          [or lambda * sum_{l in q,k,v} ...  with --cmr_reduction sum               (Appendix E, Algorithm 1)]
               [+ beta * sum_{l in projector} ||M_l * (B_l A_l)||_1]             (Eq. 10-11, --sculpt_connector)
     M = tanh(omega * |1 / log(|W / ||W||_F| + eps)|)                            (Eq. 6-7)
     after `--sculpt_step` optimizer steps, once:  A <- M_A * A,  B <- M_B * B     (Eq. 2-3)
@@ -31,7 +32,8 @@ import torch
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import inject_lora
-from llava_sculpt.methods.zero import gathered
+from llava_sculpt.methods.zero import (clip_coefficient, gathered, local_fp32_grad_slices, register_fp32_grad_hook,
+                                       zero_optimizer)
 from llava_sculpt.methods.sculpt_ops import (cmr_penalty, cmr_value_and_grads, frobenius_sq_norm, prune_to_topk,
                                              sparsity_stats, write_sparsity_json)
 
@@ -54,6 +56,10 @@ class SculptArguments:
     cmr_omega: float = field(default=1.0, metadata={"help": "LoRASculpt: steepness omega of the retention mask (Eq. 7)"})
     cmr_targets: str = field(default="q_proj,k_proj,v_proj", metadata={"help": "LoRASculpt: LM layers the CMR "
                              "regularises (comma-separated names)"})
+    cmr_reduction: str = field(default="mean", metadata={"help": "LoRASculpt: how the per-layer CMR terms of the "
+                               "--cmr_targets layers are combined: mean (the authors' release, which reproduces "
+                               "Table 1) or sum (Appendix E, Algorithm 1); the connector term is a sum in both",
+                               "choices": ["mean", "sum"]})
     sculpt_connector: bool = field(default=False, metadata={"help": "LoRASculpt: LoRA on the projector's two "
                                    "linears instead of full fine-tuning, with the L1 CMR of Eq. 10 (no pruning)"})
     cmr_beta: float = field(default=1e-5, metadata={"help": "LoRASculpt: weight beta of the connector CMR (Eq. 11)"})
@@ -124,6 +130,8 @@ class SculptMethod(FineTuningMethod):
         for flag, value in (("--sculpt_ratio_a", self.ratio_a), ("--sculpt_ratio_b", self.ratio_b)):
             if not 0 < value <= 1:
                 raise UserError(f"{flag} (or --sculpt_ratio) must be in (0, 1]: the fraction of entries kept; got {value}")
+        if f.cmr_reduction not in ("mean", "sum"):
+            raise UserError(f"--cmr_reduction must be mean or sum, got {f.cmr_reduction!r}")
         if f.sculpt_step < 0:
             raise UserError(f"--sculpt_step must be >= 0, got {f.sculpt_step}")
         self.cmr_targets = tuple(t.strip() for t in f.cmr_targets.split(",") if t.strip())
@@ -139,6 +147,16 @@ class SculptMethod(FineTuningMethod):
         self._multiplier = 0.0  # d(loss as backpropagated)/d(penalty), from the carrier's hook
         self._run: RunContext | None = None
         self._warned_order = False
+        self._params: dict[int, torch.nn.Parameter] = {}  # id(param) -> LoRA parameter
+        self._zero_opt = None  # DeepSpeed's ZeRO optimizer, when training under DeepSpeed
+        self._fp32_hook = None  # handle of the step pre-hook that adds the CMR to the fp32 master gradients
+        # cmr_grad_ratio bookkeeping: without DeepSpeed the masked task gradient of the regularised tensors is
+        # summed over the micro-batches of a step (LoRA-sized) and the CMR multiplier carried; under DeepSpeed
+        # the squared norms are summed from the fp32 gradients.  [task^2, CMR^2]
+        self._task_grads: dict[int, torch.Tensor] = {}
+        self._carried: dict[int, float] = {}
+        self._ratio_sq = [0.0, 0.0]
+        self._ratios: list[float] = []  # one per optimizer step since the last log
 
     # ------------------------------------------------------------------------------------------- setup
     def inject(self, model, run: RunContext):
@@ -154,6 +172,7 @@ class SculptMethod(FineTuningMethod):
             self.layers.append(layer)
             for suffix, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
                 self.param_names[id(param)] = f"{name}.{suffix}"
+                self._params[id(param)] = param
                 param.register_hook(self._make_grad_hook(param))
         if not any(self._is_cmr_target(l) for l in self.layers):
             raise UserError(f"--cmr_targets {self.flags.cmr_targets}: no adapted language-model layer has one of "
@@ -167,18 +186,46 @@ class SculptMethod(FineTuningMethod):
         key = id(param)
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            extra = self._pending.get(key)
-            if extra is not None:
+            mask = self.masks.get(self.param_names[key])
+            if mask is not None:  # pruned entries get exactly zero gradient (Eq. 2 kept for all later steps)
+                grad = grad * mask.to(device=grad.device, dtype=grad.dtype)
+            extra = None if self._fp32_hook is not None else self._pending.get(key)
+            if extra is not None:  # without DeepSpeed: trainable tensors are fp32, add the CMR gradient here
                 if not self._multiplier and not self._warned_order:
                     self._warned_order = True
                     print("warning: LoRASculpt: a LoRA gradient arrived before the CMR carrier's; the CMR "
                           "gradient was skipped for it (please report this)")
+                task = self._task_grads.get(key)
+                self._task_grads[key] = grad.detach().float() if task is None else task + grad.detach().float()
+                self._carried[key] = self._carried.get(key, 0.0) + self._multiplier
+                if mask is not None:
+                    extra = extra * mask.to(device=extra.device, dtype=extra.dtype)
                 grad = grad + (self._multiplier * extra).to(device=grad.device, dtype=grad.dtype)
-            mask = self.masks.get(self.param_names[key])
-            if mask is not None:  # pruned entries get exactly zero gradient (Eq. 2 kept for all later steps)
-                grad = grad * mask.to(device=grad.device, dtype=grad.dtype)
             return grad
         return hook
+
+    # ------------------------------------------------------------------------------- DeepSpeed: fp32 grads
+    def _add_to_fp32_grads(self, flats: set[int]) -> None:
+        """Under DeepSpeed, right before the wrapped optimizer updates the flat fp32 masters `flats`: add the
+        CMR gradient (masked) to this rank's share of their fp32 gradient.  The ZeRO optimizer has already
+        clipped that gradient, so the CMR gradient is multiplied by the same clip factor: the update is the
+        release's clip(task + CMR) up to the CMR's share of the clip norm (~(CMR/task)^2, e.g. 1e-10)."""
+        zero_opt = self._zero_opt
+        coef = clip_coefficient(zero_opt)
+        for key, extra in self._pending.items():
+            param = self._params[key]
+            mask = self.masks.get(self.param_names[key])
+            for flat, flat_start, start, numel in local_fp32_grad_slices(zero_opt, param):
+                if id(flat) not in flats:
+                    continue
+                part = extra.reshape(-1)[start:start + numel].to(device=flat.device, dtype=torch.float32)
+                if mask is not None:
+                    part = part * mask.reshape(-1)[start:start + numel].to(device=part.device, dtype=part.dtype)
+                target = flat.grad.narrow(0, flat_start, numel)
+                # for cmr_grad_ratio: the task gradient before clipping, over the regularised entries
+                self._ratio_sq[0] += float(target.double().square().sum()) / coef ** 2
+                self._ratio_sq[1] += float(part.double().square().sum())
+                target.add_(coef * part)
 
     # ------------------------------------------------------------------------------------------- loss
     def _penalty(self, layer: _Layer, kind: str) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -199,8 +246,10 @@ class SculptMethod(FineTuningMethod):
         lm = [l for l in self.layers if self._is_cmr_target(l)]
         con = [l for l in self.layers if l.kind == "connector"]
         total = 0.0
-        for layers, kind, weight in ((lm, "fro", self.flags.cmr_lambda / len(lm)), (con, "l1", self.flags.cmr_beta)):
-            for layer in layers:  # lambda * mean over q/k/v layers (Eq. 9); beta * sum over the connector (Eq. 11)
+        # lambda * mean over the q/k/v layers (the release) or * sum (Algorithm 1); beta * sum over the connector
+        lm_weight = self.flags.cmr_lambda / (len(lm) if self.flags.cmr_reduction == "mean" else 1)
+        for layers, kind, weight in ((lm, "fro", lm_weight), (con, "l1", self.flags.cmr_beta)):
+            for layer in layers:
                 value, grad_a, grad_b = self._penalty(layer, kind)
                 total += weight * value
                 self._pending[id(layer.lora_A)] = weight * grad_a
@@ -212,6 +261,8 @@ class SculptMethod(FineTuningMethod):
         if step is None or step != self._pending_step:  # A, B change only at optimizer steps
             self._compute_pending()
             self._pending_step = step
+        if self._fp32_hook is not None:  # DeepSpeed: the gradient is added to the fp32 masters (_add_to_fp32_grads)
+            return torch.tensor(self._pending_value, device=self.layers[0].lora_A.device)
         self._multiplier = 0.0
         # On the parameters' device, so that its gradient is computed on the same autograd queue as theirs:
         # being a leaf right at the loss, it is then processed before any LoRA gradient (AccumulateGrad
@@ -228,6 +279,12 @@ class SculptMethod(FineTuningMethod):
     # ------------------------------------------------------------------------------------------- pruning
     def on_train_begin(self, model, run: RunContext) -> None:
         self._run = run
+        self._zero_opt = zero_optimizer(run.trainer) if _uses_deepspeed(run.trainer) else None
+        if _uses_deepspeed(run.trainer) and self._fp32_hook is None:
+            if self._zero_opt is None:
+                raise UserError("--method sculpt under DeepSpeed needs ZeRO stage 1, 2 or 3 (the CMR gradient is "
+                                "added to ZeRO's fp32 master gradients); set zero_optimization.stage in the config")
+            self._fp32_hook = register_fp32_grad_hook(self._zero_opt, self._add_to_fp32_grads)
         state = run.trainer.state
         if self.masks:
             print(f"LoRASculpt: resumed with the masks of step {self.pruned_at_step}")
@@ -238,8 +295,37 @@ class SculptMethod(FineTuningMethod):
             self.prune(run)
 
     def after_optimizer_step(self, model, step: int, run: RunContext) -> None:
+        self._record_grad_ratio()
         if step == self.flags.sculpt_step and not self.masks:
             self.prune(run)
+
+    def _record_grad_ratio(self) -> None:
+        """cmr_grad_ratio of the step just taken: ||CMR gradient|| / ||task gradient|| over the regularised
+        LoRA tensors (masked, before clipping; summed over ranks where ZeRO partitions the gradients)."""
+        task_sq, cmr_sq = self._ratio_sq
+        for key, task in self._task_grads.items():
+            task_sq += float(task.double().square().sum())
+            extra = self._pending.get(key)
+            if extra is not None:
+                mask = self.masks.get(self.param_names[key])
+                extra = extra if mask is None else extra * mask.to(device=extra.device, dtype=extra.dtype)
+                cmr_sq += self._carried.get(key, 0.0) ** 2 * float(extra.double().square().sum())
+        self._task_grads.clear()
+        self._carried.clear()
+        self._ratio_sq = [0.0, 0.0]
+        if self._zero_opt is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            both = torch.tensor([task_sq, cmr_sq], dtype=torch.float64, device=self.layers[0].lora_A.device)
+            torch.distributed.all_reduce(both)
+            task_sq, cmr_sq = both.tolist()
+        if task_sq > 0:
+            self._ratios.append((cmr_sq / task_sq) ** 0.5)
+
+    def logs(self) -> dict[str, float]:
+        if not self._ratios:
+            return {}
+        ratio = sum(self._ratios) / len(self._ratios)
+        self._ratios.clear()
+        return {"cmr_grad_ratio": ratio}
 
     @torch.no_grad()
     def prune(self, run: RunContext) -> None:
