@@ -4,6 +4,7 @@
         --image-folder IMAGES --answers-file answers.jsonl [--conv-mode vicuna_v1] [--temperature 0]
         [--top_p P] [--num_beams 1] [--max_new_tokens 128] [--num-chunks N --chunk-idx K]
         [--batch-size 8] [--image-aspect-ratio pad|square] [--dtype auto] [--max-questions N]
+        [--overwrite | --adopt]
 
 Questions: JSON lines {"question_id", "image" (optional; relative to --image-folder), "text"} as written by
 `llava-sculpt prepare`.  The prompt is the vicuna_v1 generation prompt of "<image>\\n" + text (just text for
@@ -19,6 +20,20 @@ Resuming: when --answers-file exists, questions already answered there are skipp
 occurs several times in the question file is matched by occurrence: the n-th answer with that id answers
 the n-th question with it).  A truncated last line (the process was killed mid-write) is dropped first.
 
+What produced the answers: `ANSWERS.meta.json` next to the answers file, written (atomically) before the
+first answer is appended, records the model (absolute --model-path, the --model-base actually used, a
+fingerprint of the weights), the question file (absolute path + sha256), the image folder and every
+setting that changes answers (--conv-mode, --image-aspect-ratio, the resolved --dtype, --temperature,
+--top_p, --num_beams, --max_new_tokens, --seed; top_p and seed are recorded as null for greedy decoding,
+which ignores them).  A rerun into a file whose record differs in any of these fails (exit 2) and names
+the fields; --overwrite discards the old answers and starts afresh.  A file with answers but no record
+(written before records existed) is refused too; --adopt records the current settings for it and resumes.
+--batch-size, --device, --max-questions and the chunk flags are not recorded: they do not change an answer.
+The fingerprint is a sha256 over: the adapter files (adapter_config.json, adapter_model.*, mm_projector
+.safetensors) in full; config.json, generation_config.json and the processor/tokenizer files in full; and
+for each weight file of the (base) model its name, its size and its content — in full up to 64 MiB,
+otherwise 64 blocks of 64 KiB spread evenly over the file (4 MiB read per weight file of a 7B model).
+
 Batching: prompts are LEFT-padded, so greedy answers are the same as with --batch-size 1 (up to
 floating-point effects of padding in half precision).  Chunking: the questions are cut into --num-chunks
 contiguous chunks of ceil(n / num_chunks) questions (LLaVA's split_list / get_chunk) and chunk --chunk-idx
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -36,6 +52,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
+from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.data.conversation import IMAGE_PLACEHOLDER, generation_prompt, get_template
 from llava_sculpt.errors import UserError, run_cli
 
@@ -170,6 +187,185 @@ def pending_questions(questions: Sequence[Question], answers_file: str) -> list[
                         f"--max-questions?); delete it or pick another --answers-file.")
     done = set(answered)
     return [q for q, k in zip(questions, wanted) if k not in done]
+
+
+# ------------------------------------------------------------------------------ what produced the answers
+META_SUFFIX = ".meta.json"
+META_FORMAT = 1
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "mm_projector.safetensors")
+SMALL_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                     "processor_config.json", "chat_template.json", "chat_template.jinja")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+FULL_HASH_BYTES = 64 << 20
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 64 << 10
+MODEL_FIELDS = ("model_path", "model_base", "model_fingerprint")
+
+
+def meta_path(answers_file: str) -> str:
+    """The record of what produced `answers_file`: ANSWERS.meta.json next to it."""
+    return answers_file + META_SUFFIX
+
+
+def file_sha256(path: str, sample: bool = False) -> str:
+    """sha256 of a file's bytes; with `sample`, of files over 64 MiB only SAMPLE_BLOCKS evenly spread blocks
+    (the first and the last included) are read."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if not sample or size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            step = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(int(i * step))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _is_adapter(model_path: str) -> bool:
+    return os.path.isfile(os.path.join(model_path, "adapter_config.json"))
+
+
+def resolve_model_base(model_path: str, model_base: str | None) -> str | None:
+    """The base checkpoint an adapter is loaded on (as `load_for_inference` picks it), absolute; None for a
+    full checkpoint, which ignores --model-base."""
+    if not os.path.isdir(model_path):
+        raise UserError(f"--model-path {model_path} is not a folder; expected a training run / checkpoint "
+                        "directory or a Hugging Face LLaVA checkpoint.")
+    if not _is_adapter(model_path):
+        return None
+    if model_base is None:
+        try:
+            with open(os.path.join(model_path, "adapter_config.json"), encoding="utf-8") as f:
+                model_base = json.load(f).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise UserError(f"--model-path {model_path}: cannot read adapter_config.json ({err}).") from None
+        if not model_base or not os.path.isdir(model_base):
+            raise UserError(f"--model-path {model_path} is a LoRA adapter; pass the base checkpoint with "
+                            f"--model-base (the adapter records {model_base!r}, which is not a local folder)")
+    elif not os.path.isdir(model_base):
+        raise UserError(f"--model-base {model_base} is not a folder; expected the Hugging Face LLaVA checkpoint "
+                        "the adapter was trained on.")
+    return os.path.abspath(model_base)
+
+
+def model_fingerprint(model_path: str, model_base: str | None = None) -> str:
+    """sha256 over the files that make the model (see the module docstring for what is read)."""
+    entries = []
+
+    def add(role: str, folder: str, names, sample: bool = False) -> None:
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                entries.append([role, name, os.path.getsize(path), file_sha256(path, sample)])
+
+    base = resolve_model_base(model_path, model_base)
+    weights_dir = base if base is not None else model_path
+    if base is not None:
+        add("adapter", model_path, ADAPTER_FILES)
+    processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else weights_dir
+    add("processor", processor_dir, [n for n in SMALL_MODEL_FILES if n not in ("config.json", "generation_config.json")])
+    add("model", weights_dir, ("config.json", "generation_config.json"))
+    add("weights", weights_dir, sorted(n for n in os.listdir(weights_dir) if n.endswith(WEIGHT_SUFFIXES)
+                                       and not n.startswith(("adapter_model", "mm_projector", "."))), sample=True)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def model_identity(model_path: str, model_base: str | None = None) -> dict:
+    """{"model_path", "model_base", "model_fingerprint"}: which model answers (paths absolute)."""
+    return {"model_path": os.path.abspath(model_path), "model_base": resolve_model_base(model_path, model_base),
+            "model_fingerprint": model_fingerprint(model_path, model_base)}
+
+
+def answers_meta(identity: dict, question_file: str, image_folder: str | None, conv_mode: str = "vicuna_v1",
+                 image_aspect_ratio: str = "pad", dtype: str = "auto", temperature: float = 0.0,
+                 top_p: float | None = None, num_beams: int = 1, max_new_tokens: int = 128, seed: int = 0) -> dict:
+    """The record written next to an answers file: the model (`model_identity`), the questions and every
+    setting that changes an answer.  `dtype` is resolved ("auto" -> the dtype it means on this machine)."""
+    from llava_sculpt.data.conversation import TEMPLATES
+
+    resolved = resolve_dtype(dtype)
+    sampling = temperature > 0
+    template = get_template(conv_mode)  # aliases of one template (v1, vicuna_v1, ...) are one setting
+    conv_mode = next(name for name, t in TEMPLATES.items() if t is template)
+    return {"format": META_FORMAT, **identity,
+            "question_file": os.path.abspath(question_file), "question_file_sha256": file_sha256(question_file),
+            "image_folder": os.path.abspath(image_folder) if image_folder is not None else None,
+            "conv_mode": conv_mode, "image_aspect_ratio": image_aspect_ratio,
+            "dtype": str(resolved).replace("torch.", ""),
+            "temperature": float(temperature), "top_p": top_p if sampling else None, "num_beams": int(num_beams),
+            "max_new_tokens": int(max_new_tokens), "seed": int(seed) if sampling else None}
+
+
+def read_meta(answers_file: str) -> dict | None:
+    path = meta_path(answers_file)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} (the record of what produced {answers_file}) cannot be read ({err}); pass "
+                        "--overwrite to discard those answers and start afresh.") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected a JSON object; pass --overwrite to discard {answers_file} and start afresh.")
+    return record
+
+
+def meta_differences(recorded: dict, current: dict, fields: Sequence[str] | None = None) -> list[str]:
+    """'field: recorded X, now Y' for every field (of `fields`, default all) whose values differ."""
+    keys = fields if fields is not None else list(dict.fromkeys([*current, *recorded]))
+    return [f"{k}: recorded {recorded.get(k)!r}, now {current.get(k)!r}" for k in keys
+            if recorded.get(k) != current.get(k)]
+
+
+def check_answers_record(answers_file: str, meta: dict, adopt: bool = False, what: str = "--answers-file") -> str:
+    """Whether `answers_file` may be resumed with `meta` (nothing is written): "fresh" (no answers in it),
+    "same" (its record matches) or "adopt" (answers without a record, accepted by --adopt).  Raises a
+    UserError naming the differing fields otherwise."""
+    if not read_answered(answers_file, repair=False):
+        return "fresh"
+    recorded = read_meta(answers_file)
+    if recorded is None:
+        if adopt:
+            return "adopt"
+        raise UserError(f"{what} {answers_file} holds answers but no record of the model and settings that "
+                        f"produced them ({os.path.basename(meta_path(answers_file))} is missing: written before "
+                        "llava-sculpt kept such records, or by another tool), so resuming could mix two models. "
+                        "Pass --overwrite to discard these answers and start afresh, or --adopt if you know they "
+                        "come from this model with these settings (records them and resumes).")
+    differences = meta_differences(recorded, meta)
+    if differences:
+        raise UserError(f"{what} {answers_file} was produced by a different model or settings than this run "
+                        f"({'; '.join(differences)}); resuming would mix the two. Pass --overwrite to discard "
+                        "these answers and start afresh, or choose another answers file.")
+    return "same"
+
+
+def discard_answers(answers_file: str) -> None:
+    """--overwrite: remove an answers file and its record."""
+    for path in (answers_file, meta_path(answers_file)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def claim_answers_file(answers_file: str, meta: dict, overwrite: bool = False, adopt: bool = False,
+                       what: str = "--answers-file") -> None:
+    """Make `answers_file` this run's before any answer is appended: check (or, with `overwrite`, discard)
+    what is there, then record `meta` next to it (atomically)."""
+    if overwrite:
+        try:
+            n = len(read_answered(answers_file, repair=False))
+        except UserError:  # unreadable lines: discarded all the same
+            n = "unreadable"
+        if n:
+            print(f"llava-sculpt generate: --overwrite: discarding the {n} answers in {answers_file}", file=sys.stderr)
+        discard_answers(answers_file)
+    elif check_answers_record(answers_file, meta, adopt, what) == "same":
+        return
+    write_json_atomic(meta_path(answers_file), meta)
 
 
 def answer_record(question: Question, text: str, model_id: str) -> dict:
@@ -353,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--max-questions", type=int, default=None, help="only the first N questions (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--overwrite", action="store_true", help="discard the answers already in --answers-file "
+                   "(and their record) and start afresh; needed when they came from another model or settings")
+    p.add_argument("--adopt", action="store_true", help="an answers file without a record of what produced it "
+                   "(older llava-sculpt): record this run's model and settings for it and resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -369,6 +569,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions = questions[:args.max_questions]
     chunk = get_chunk(questions, args.num_chunks, args.chunk_idx)
     check_images(chunk, args.image_folder, args.question_file)
+    if args.overwrite and args.adopt:
+        raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
+    meta = answers_meta(model_identity(args.model_path, args.model_base), args.question_file, args.image_folder,
+                        args.conv_mode, args.image_aspect_ratio, args.dtype, args.temperature, args.top_p,
+                        args.num_beams, args.max_new_tokens, args.seed)
+    claim_answers_file(args.answers_file, meta, overwrite=args.overwrite, adopt=args.adopt)
     if not pending_questions(chunk, args.answers_file):
         os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
         open(args.answers_file, "a").close()

@@ -4,7 +4,7 @@
         [--model-base BASE] [--eval-dir DIR (default MODEL/eval)] [--add-target] [--batch-size 8]
         [--max-questions N] [--max-new-tokens N] [--conv-mode M] [--num-gpus N (default: all visible)]
         [--dtype auto] [--image-aspect-ratio pad] [--compat official|paper]
-        [--method NAME] [--rank R] [--target iconqa|coco]
+        [--method NAME] [--rank R] [--target iconqa|coco] [--overwrite | --adopt]
 
 BENCH is a spec file or a name in the spec folder (eval/okvqa.json -> "okvqa"); see llava_sculpt/eval/specs.py.
 Writes the run-dir layout `llava-sculpt table` reads:
@@ -14,6 +14,10 @@ Writes the run-dir layout `llava-sculpt table` reads:
                               benchmark evaluated, or the training data path); "zero-shot" -> rank null
     DIR/answers/{name}.jsonl  LLaVA answer lines (resumable: rerunning skips answered questions, and a
                               benchmark whose answers are complete is only re-scored)
+    DIR/answers/{name}.jsonl.meta.json  what produced them (see `llava-sculpt generate --help`): a rerun
+                              with another model or other generation settings stops with an error before
+                              anything is generated or written; --overwrite discards that benchmark's
+                              answers and score and starts afresh
     DIR/scores/{name}.json    `llava-sculpt score` JSON (+ "benchmark"; with --max-questions the scorer
                               runs with --allow-partial on the answered subset)
 
@@ -21,6 +25,11 @@ Generation: with 0 or 1 GPU the model is loaded once in this process and serves 
 GPUs each benchmark runs as N `llava-sculpt generate` processes, one per GPU (CUDA_VISIBLE_DEVICES), on
 --num-chunks N --chunk-idx K; their files (DIR/answers/{name}.chunks/) are concatenated in chunk order.
 --add-target also evaluates the target benchmark (the spec named like the resolved target).
+
+One eval dir holds one model's results: answers of benchmarks not in this run whose record names another
+model (path, base or weights) are an error too; --overwrite removes them with their scores.  Answers
+without a record (older llava-sculpt) are refused for the benchmarks of this run unless --overwrite or
+--adopt (take them as this model's, with this run's settings, and resume).
 """
 from __future__ import annotations
 
@@ -97,6 +106,66 @@ def visible_gpus(num_gpus: int) -> list[str]:
     return (ids + [str(i) for i in range(len(ids), num_gpus)])[:num_gpus]
 
 
+def chunk_dir_of(answers_file: str) -> str:
+    """Where the per-GPU chunk answer files of `answers_file` are written before being concatenated."""
+    return answers_file[:-len(".jsonl")] + ".chunks"
+
+
+def claim_eval_dir(args, eval_dir: str, work) -> None:
+    """Before anything is generated or written: every benchmark's answers (and leftover chunk files) must come
+    from this model with this run's settings, and no other benchmark's answers in the eval dir may come from
+    another model — else a UserError naming them (--overwrite: they are removed, with their scores).  Then
+    each benchmark's record is written next to its answers file."""
+    from llava_sculpt.eval.generate import (MODEL_FIELDS, META_SUFFIX, answers_meta, check_answers_record,
+                                            claim_answers_file, discard_answers, meta_differences, model_identity,
+                                            read_meta)
+
+    identity = model_identity(args.model_path, args.model_base)
+    answers_dir = os.path.join(eval_dir, "answers")
+    planned = []
+    for spec, _ in work:
+        answers_file = os.path.join(answers_dir, f"{spec.name}.jsonl")
+        meta = answers_meta(identity, spec.question_file, spec.image_folder, args.conv_mode or spec.conv_mode,
+                            args.image_aspect_ratio, args.dtype, max_new_tokens=args.max_new_tokens or spec.max_new_tokens)
+        planned.append((spec, answers_file, meta))
+    names = {spec.name for spec, _, _ in planned}
+    others = []  # (benchmark, answers file) of earlier runs from another model
+    if os.path.isdir(answers_dir):
+        for entry in sorted(os.listdir(answers_dir)):
+            if not entry.endswith(".jsonl" + META_SUFFIX) or entry[:-len(".jsonl" + META_SUFFIX)] in names:
+                continue
+            answers_file = os.path.join(answers_dir, entry[:-len(META_SUFFIX)])
+            differences = meta_differences(read_meta(answers_file) or {}, identity, MODEL_FIELDS)
+            if differences:
+                others.append((entry[:-len(".jsonl" + META_SUFFIX)], answers_file, differences))
+    if not args.overwrite:
+        for spec, answers_file, meta in planned:
+            check_answers_record(answers_file, meta, args.adopt, what=f"{spec.name}: answers file")
+            chunk_dir = chunk_dir_of(answers_file)
+            if os.path.isdir(chunk_dir):
+                for entry in sorted(os.listdir(chunk_dir)):
+                    if entry.endswith(".jsonl"):
+                        check_answers_record(os.path.join(chunk_dir, entry), meta, args.adopt,
+                                             what=f"{spec.name}: chunk answers file")
+        if others:
+            name, answers_file, differences = others[0]
+            raise UserError(f"eval dir {eval_dir} holds {len(others)} benchmark(s) answered by another model "
+                            f"({', '.join(n for n, _, _ in others)}; {name}: {'; '.join(differences)}); a table "
+                            "of this eval dir would mix two models. Pass --overwrite to remove them (answers and "
+                            "scores) and evaluate this model, or choose another --eval-dir.")
+    else:
+        for name, answers_file, _ in others:
+            print(f"--overwrite: removing {name}'s answers and score (another model) from {eval_dir}", flush=True)
+        for name, answers_file in [(n, f) for n, f, _ in others] + [(s.name, f) for s, f, _ in planned]:
+            discard_answers(answers_file)
+            shutil.rmtree(chunk_dir_of(answers_file), ignore_errors=True)
+            score_file = os.path.join(eval_dir, "scores", f"{name}.json")
+            if os.path.exists(score_file):
+                os.remove(score_file)
+    for spec, answers_file, meta in planned:
+        claim_answers_file(answers_file, meta, adopt=args.adopt, what=f"{spec.name}: answers file")
+
+
 def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
     """Concatenate complete chunk answer files in chunk order into `out_file` (atomically)."""
     with atomic_open(out_file, "wb") as out:
@@ -139,7 +208,7 @@ class Generator:
     def _run_chunked(self, spec: BenchmarkSpec, answers_file: str, max_new_tokens: int, conv_mode: str,
                      num_questions: int) -> None:
         args, n = self.args, self.args.num_gpus
-        chunk_dir = answers_file[:-len(".jsonl")] + ".chunks"
+        chunk_dir = chunk_dir_of(answers_file)
         os.makedirs(chunk_dir, exist_ok=True)
         chunk_files = [os.path.join(chunk_dir, f"{k}of{n}.jsonl") for k in range(n)]
         processes = []
@@ -155,6 +224,8 @@ class Generator:
                 cmd += ["--max-questions", str(args.max_questions)]
             if args.no_progress:
                 cmd.append("--no-progress")
+            if args.adopt:
+                cmd.append("--adopt")
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
             processes.append(subprocess.Popen(cmd, env=env))
         failed = [k for k, proc in enumerate(processes) if proc.wait() != 0]
@@ -211,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="run_meta method (default: run_args.json)")
     p.add_argument("--rank", type=int, default=None, help="run_meta rank (default: training_args.lora_r)")
     p.add_argument("--target", default=None, choices=TARGET_TASKS, help="run_meta target")
+    p.add_argument("--overwrite", action="store_true", help="the benchmarks of this run start afresh (their "
+                   "answers and scores are discarded), and other benchmarks' answers and scores from another model "
+                   "are removed from the eval dir")
+    p.add_argument("--adopt", action="store_true", help="answers files without a record of what produced them "
+                   "(older llava-sculpt): take them as this model's, record this run's settings, resume")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -246,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions = load_questions(spec.question_file)[:args.max_questions]
         check_images(questions, spec.image_folder, spec.question_file)
         work.append((spec, questions))
+    if args.overwrite and args.adopt:
+        raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
+    claim_eval_dir(args, eval_dir, work)
     write_json_atomic(os.path.join(eval_dir, "run_meta.json"), meta)
     generator = Generator(args)
     for spec, questions in work:
