@@ -74,6 +74,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                          "(a run or checkpoint directory); its projector is loaded too"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector "
                                           "(default: --learning_rate)"})
+    mm_projector_lora_lr: float | None = field(default=None, metadata={"help": "learning rate of LoRA adapters ON "
+                                               "the projector (--method sculpt --sculpt_connector True; default: "
+                                               "--learning_rate, like every other LoRA factor — --mm_projector_lr is "
+                                               "the rate of the fully fine-tuned projector and does not apply)"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
     bits: int = field(default=16, metadata={"help": "16, or 8/4 for a bitsandbytes-quantised base (QLoRA)",
                                             "choices": [16, 8, 4]})
@@ -85,6 +89,14 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA / transformers 4 flag: warm-up as a "
                                        "fraction of the total steps (transformers 5 takes it as a float "
                                        "--warmup_steps < 1; this sets that)"})
+    loss_normalization: str = field(default="llava", metadata={"help": "how the task loss of an optimizer step is "
+                                    "averaged. llava (LLaVA-1.5, transformers 4.31): each micro-batch's mean "
+                                    "cross-entropy over its own label tokens, divided by "
+                                    "--gradient_accumulation_steps, gradients averaged over the processes by DDP. "
+                                    "global_tokens (transformers 5's default): summed cross-entropy over every "
+                                    "label token of the step's accumulated micro-batches divided by their number "
+                                    "(over all processes with --average_tokens_across_devices True)",
+                                    "choices": ["llava", "global_tokens"]})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -147,9 +159,23 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
               f"(patch {vision.patch_size}, image {vision.image_size})")
     get_template(model_args.version)
     check_deepspeed_config(training_args.deepspeed)
+    check_cpu_data_parallel(training_args)
     if training_args.lora_weight_path and not os.path.isfile(
             os.path.join(training_args.lora_weight_path, "adapter_model.safetensors")):
         raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
+
+
+def check_cpu_data_parallel(training_args) -> None:
+    """transformers 5 on a machine without an accelerator, launched as several processes (torchrun), splits
+    the data between them but does not wrap the model in DDP unless --use_cpu is given: the processes would
+    train apart while looking fine."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if world > 1 and not has_accelerator and not training_args.deepspeed and not training_args.use_cpu:
+        raise UserError(f"{world} processes without a GPU: pass --use_cpu True so that they train one model "
+                        "together (DDP over gloo); without it transformers splits the data but each process "
+                        "trains its own copy")
 
 
 def check_deepspeed_config(deepspeed) -> None:
@@ -184,6 +210,14 @@ def _projector_keys(state_dict: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _optimizer_part(name: str) -> str:
+    """Which learning-rate group a trainable parameter belongs to.  LoRA factors on the projector are LoRA
+    weights (B starts at 0): they take the LoRA rate, not the small rate of the fully trained projector."""
+    if "multi_modal_projector" not in name:
+        return "rest"
+    return "projector_lora" if "lora_" in name else "projector"
+
+
 class MethodCallback(transformers.TrainerCallback):
     def __init__(self, method, run: RunContext):
         self.method, self.run = method, run
@@ -210,49 +244,71 @@ class LlavaSculptTrainer(transformers.Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
-        """LLaVA's parameter groups: (decay, no decay) x (projector at --mm_projector_lr, the rest)."""
-        if self.optimizer is None and self.args.mm_projector_lr is not None:
+        """LLaVA's parameter groups: (decay, no decay) x (projector at --mm_projector_lr, LoRA on the projector
+        at --mm_projector_lora_lr, the rest at --learning_rate)."""
+        args = self.args
+        if self.optimizer is None and (args.mm_projector_lr is not None or args.mm_projector_lora_lr is not None):
             opt_model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(opt_model))
+            rates = {"rest": None, "projector": args.mm_projector_lr, "projector_lora": args.mm_projector_lora_lr}
             groups = []
-            for is_projector in (False, True):
+            for part, lr in rates.items():
                 for use_decay in (True, False):
                     params = [p for n, p in opt_model.named_parameters() if p.requires_grad
-                              and ("multi_modal_projector" in n) == is_projector and (n in decay) == use_decay]
+                              and _optimizer_part(n) == part and (n in decay) == use_decay]
                     if params:
-                        group = {"params": params, "weight_decay": self.args.weight_decay if use_decay else 0.0}
-                        if is_projector:
-                            group["lr"] = self.args.mm_projector_lr
+                        group = {"params": params, "weight_decay": args.weight_decay if use_decay else 0.0}
+                        if lr is not None:
+                            group["lr"] = lr
                         groups.append(group)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
         return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Task loss normalised as --loss_normalization says, plus the method's penalty once per optimizer step.
+
+        `num_items_in_batch` is the Trainer's count of label tokens in the step's accumulated micro-batches (summed
+        over the processes with --average_tokens_across_devices).  global_tokens hands it to the model, which
+        sums the cross-entropy and divides by it; the Trainer then does not divide by the accumulation steps and
+        multiplies by the number of processes to undo DDP's gradient averaging.  llava withholds it: the model
+        returns its mean over this micro-batch's own label tokens, which is divided by the accumulation steps,
+        and DDP averages the processes' gradients (LLaVA-1.5 on transformers 4.31)."""
+        mode = self.args.loss_normalization
+        if mode not in ("llava", "global_tokens"):
+            raise UserError(f"--loss_normalization must be llava or global_tokens, got {mode!r}")
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
-        extra = self.method.extra_loss(model) if model.training else None
-        if extra is None:
+                                      num_items_in_batch=num_items_in_batch if mode == "global_tokens" else None)
+        if not model.training:
             return result
-        self._extra_loss_sum += float(extra.detach())
-        self._extra_loss_count += 1
-        # The penalty belongs to the optimizer step, not to each micro-batch: when the task loss is already
-        # normalised over the accumulated batch, the Trainer will not divide by the accumulation steps, so
-        # we do, and the penalty enters each optimizer step exactly once.
-        scaled_for_ga = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
-                         else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                         or self.compute_loss_func is not None)
-        if scaled_for_ga:
-            extra = extra / self.current_gradient_accumulation_steps
-        if return_outputs:
-            return result[0] + extra, result[1]
-        return result + extra
+        loss, outputs = result if return_outputs else (result, None)
+        # training_step divides what we return by the accumulation steps unless it takes it as already scaled,
+        # which it decides from the count it passed us (its rule, repeated here).
+        trainer_divides = not (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                               else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                               or self.compute_loss_func is not None)
+        if mode == "llava" and not trainer_divides:
+            loss = loss / self.current_gradient_accumulation_steps
+        extra = self.method.extra_loss(model)
+        if extra is not None:
+            self._extra_loss_sum += float(extra.detach())
+            self._extra_loss_count += 1
+            # The penalty belongs to the optimizer step, not to each micro-batch: it is added to every
+            # micro-batch divided by the accumulation steps (by us when the Trainer will not), so it enters each
+            # optimizer step exactly once, in both modes; it is added after the Trainer's multiplication by the
+            # number of processes, so DDP's averaging of the (equal) penalty gradients keeps it once.
+            if not trainer_divides:
+                extra = extra / self.current_gradient_accumulation_steps
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
         if self._extra_loss_count and "loss" in logs:
             logs[f"{self.method.name}_penalty"] = self._extra_loss_sum / self._extra_loss_count
             self._extra_loss_sum, self._extra_loss_count = 0.0, 0
+        if "loss" in logs:
+            logs.update(self.method.logs())
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
@@ -404,6 +460,11 @@ def finalise(trainer, run: RunContext, method, output_dir: str) -> None:
     write_json_atomic(os.path.join(output_dir, COMPLETE_FILE),
                       {"global_step": trainer.state.global_step, "method": method.name,
                        "final_logged_loss": losses[-1] if losses else None})
+    # DARE / Model Tailor transform the saved run only now, after freeing the training state
+    # (methods/posthoc.py): a failure there leaves the trained run complete.
+    transform_saved_run = getattr(method, "transform_saved_run", None)
+    if transform_saved_run is not None:
+        transform_saved_run(output_dir, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
