@@ -8,6 +8,11 @@ The system line and the user turns are separated by a space; each assistant turn
 next `USER:` follows it directly.  Only the assistant answers, including their `</s>`, carry labels; every
 other token (BOS, system line, `USER: ...`, `ASSISTANT:` and the image tokens) is IGNORE_INDEX.
 
+`</s>` is Vicuna's (Llama's) eos token.  When tokenising for a tokenizer, the end of an assistant turn is
+written as *that tokenizer's* eos token (`end_of_turn`), so the labels teach the model to emit the token that
+generation stops at: identical for LLaVA-1.5 (eos `</s>`), and e.g. `<|im_end|>` for a LLaVA built on a
+SmolLM2 language model, which would otherwise learn to spell out the characters "</s>" and never stop.
+
 The tokenizer sees the whole prompt as one string (exactly what it sees at inference), and the labelled
 tokens are found from character offsets: a token is labelled when its span overlaps an answer's span.
 The `<image>` placeholder is one special token, expanded afterwards to `num_image_tokens` copies, the
@@ -29,7 +34,7 @@ class ConversationTemplate:
     system: str
     roles: tuple[str, str]  # (user, assistant)
     sep: str  # after the system line and after each user turn
-    sep2: str  # after each assistant turn
+    sep2: str  # after each assistant turn; replaced by the tokenizer's eos token (see `end_of_turn`)
 
 
 VICUNA_V1 = ConversationTemplate(
@@ -52,13 +57,32 @@ def get_template(name: str) -> ConversationTemplate:
     return TEMPLATES[name]
 
 
-def render(template: ConversationTemplate, turns: list[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+def end_of_turn(template: ConversationTemplate, tokenizer) -> str:
+    """The text that ends an assistant turn for `tokenizer`: its eos token (`template.sep2` when it has none).
+
+    Raises a UserError when the eos token written in text does not tokenise to the eos token id (it is not
+    registered as a special/added token), since the model would then be trained on its characters."""
+    eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
+    if not eos or eos_id is None:
+        return template.sep2
+    ids = tokenizer(eos, add_special_tokens=False)["input_ids"]
+    if eos_id not in ids:
+        raise UserError(f"the tokenizer's eos token {eos!r} (id {eos_id}) is not recognised as one token when "
+                        f"written in text (it tokenises to {ids}); add it to the tokenizer as a special token "
+                        "so that each assistant turn can end with it")
+    return eos
+
+
+def render(template: ConversationTemplate, turns: list[tuple[str, str | None]],
+           eos: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render (user, assistant) turns into the prompt string.
 
-    Returns (text, answer_spans): the character spans [start, end) of every assistant answer together
-    with its end-of-turn separator, i.e. what is labelled.  An assistant text of None ends the prompt with
-    "ASSISTANT:" (generation prompt)."""
+    Each assistant answer ends with `eos` (default `template.sep2`, i.e. `</s>`; pass the tokenizer's eos
+    token, see `end_of_turn`).  Returns (text, answer_spans): the character spans [start, end) of every
+    assistant answer together with its end-of-turn, i.e. what is labelled.  An assistant text of None ends
+    the prompt with "ASSISTANT:" (generation prompt)."""
     user_role, asst_role = template.roles
+    sep2 = template.sep2 if eos is None else eos
     text = template.system + template.sep
     spans: list[tuple[int, int]] = []
     for user, answer in turns:
@@ -67,7 +91,7 @@ def render(template: ConversationTemplate, turns: list[tuple[str, str | None]]) 
             break
         text += " "
         start = len(text)
-        text += answer + template.sep2
+        text += answer + sep2
         spans.append((start, len(text)))
     return text, spans
 
@@ -96,11 +120,12 @@ def conversations_to_turns(conversations, where: str) -> list[tuple[str, str]]:
 def tokenize_conversation(tokenizer, template: ConversationTemplate, turns: list[tuple[str, str]],
                           num_image_tokens: int, image_token_id: int, max_length: int,
                           where: str = "sample") -> dict:
-    """Tokenise a conversation and build LLaVA-1.5 labels.
+    """Tokenise a conversation and build LLaVA-1.5 labels; each assistant turn ends with the tokenizer's eos
+    token (`end_of_turn`), which is labelled.
 
     Returns {"input_ids": list[int], "labels": list[int]} with the single `<image>` token expanded to
     `num_image_tokens` copies and both truncated to `max_length` tokens."""
-    text, spans = render(template, turns)
+    text, spans = render(template, turns, end_of_turn(template, tokenizer))
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     input_ids, labels = [], []
     for tok_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):

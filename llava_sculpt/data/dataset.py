@@ -3,7 +3,8 @@
 Training JSON (LLaVA's format): a list of
     {"id": ..., "image": "relative/path.png" (optional), "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                                          {"from": "gpt", "value": "..."}, ...]}
-Image paths are relative to `--image_folder`.  Samples without "image" are text-only.
+Image paths are relative to `--image_folder`.  Samples without "image" are text-only.  Each assistant turn
+ends with the tokenizer's eos token (`</s>` for LLaVA-1.5), labelled, so training and generation's stopping agree.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llava_sculpt.data.conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationTemplate,
-                                            conversations_to_turns, tokenize_conversation)
+                                            conversations_to_turns, end_of_turn, tokenize_conversation)
 from llava_sculpt.errors import UserError
 
 
@@ -117,6 +118,7 @@ class LlavaSupervisedDataset(Dataset):
     def __init__(self, data_path: str, image_folder: str | None, tokenizer, image_processor, model_config,
                  template: ConversationTemplate, model_max_length: int, image_aspect_ratio: str = "pad"):
         self.data_path = data_path
+        self.end_of_turn = end_of_turn(template, tokenizer)  # fails now, not at the first batch, on a bad eos
         self.samples = load_llava_json(data_path, image_folder)
         self.image_folder = image_folder
         self.tokenizer, self.image_processor = tokenizer, image_processor

@@ -11,6 +11,11 @@ Questions: JSON lines {"question_id", "image" (optional; relative to --image-fol
 a text-only question), ending in "ASSISTANT:"; LlavaProcessor expands "<image>" to one token per visual
 feature.  Images are padded to a square with the processor's mean colour first (`pad`, as in training).
 
+Stopping: generation stops at the tokenizer's eos token (the end of turn training taught, see
+`llava_sculpt.data.conversation.end_of_turn`) and at the model's generation_config eos token(s).  The answer
+text is what precedes the first of them, decoded without special tokens, cut before any literal eos text or
+"</s>" (the template's written end of turn, what a model trained before the eos fix spells out), stripped.
+
 Answers: one JSON line per question, LLaVA's format
     {"question_id", "prompt" (the question text), "text" (the answer), "answer_id", "model_id", "metadata": {}}
 appended and flushed after every batch, in question order.  `answer_id` is derived from the model id, the
@@ -426,10 +431,35 @@ def encode_batch(processor, model_config, template, batch: Sequence[Question], i
     return dict(inputs)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids generation stops at: the tokenizer's eos (what training labels end each answer with)
+    first, then the model's generation_config eos token(s)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for tok in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if tok is not None and int(tok) not in ids:
+            ids.append(int(tok))
+    return ids
+
+
+def clean_answer(token_ids: Sequence[int], tokenizer, stop_ids: Sequence[int], stop_texts: Sequence[str]) -> str:
+    """The answer text of one generated row: the tokens before the first stop id, decoded without special
+    tokens, cut before the first of `stop_texts` (literal eos / "</s>" text), stripped."""
+    token_ids = list(token_ids)
+    cut = min((token_ids.index(t) for t in stop_ids if t in token_ids), default=len(token_ids))
+    text = tokenizer.decode(token_ids[:cut], skip_special_tokens=True)
+    for stop in stop_texts:
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+    return text.strip()
+
+
 def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int,
-                      pad_token_id: int) -> dict:
+                      pad_token_id: int, eos_token_id: int | list[int] | None = None) -> dict:
     kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "use_cache": True,
               "pad_token_id": pad_token_id}
+    if eos_token_id is not None:  # None: the model's generation_config decides
+        kwargs["eos_token_id"] = eos_token_id
     if temperature > 0:  # LLaVA: temperature 0 means greedy decoding
         kwargs.update(do_sample=True, temperature=temperature)
         if top_p is not None:
@@ -467,7 +497,10 @@ def generate_answers(model, processor, questions: Sequence[Question], answers_fi
     config = model.config
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    gen_kwargs = generation_kwargs(temperature, top_p, num_beams, max_new_tokens, tokenizer.pad_token_id)
+    stop_ids = stop_token_ids(model, tokenizer)
+    stop_texts = list(dict.fromkeys(t for t in (tokenizer.eos_token, template.sep2) if t))
+    gen_kwargs = generation_kwargs(temperature, top_p, num_beams, max_new_tokens, tokenizer.pad_token_id,
+                                   (stop_ids[0] if len(stop_ids) == 1 else stop_ids) or None)
     bar = tqdm(total=len(todo), unit="sample", desc=os.path.basename(answers_file), disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     written = 0
@@ -481,8 +514,8 @@ def generate_answers(model, processor, questions: Sequence[Question], answers_fi
             with torch.inference_mode():
                 output_ids = model.generate(**inputs, **gen_kwargs)
             new_tokens = output_ids[:, inputs["input_ids"].shape[1]:]  # [B, <= max_new_tokens]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            out.write("".join(json.dumps(answer_record(q, t.strip(), model_id), ensure_ascii=False) + "\n"
+            texts = [clean_answer(row, tokenizer, stop_ids, stop_texts) for row in new_tokens.tolist()]
+            out.write("".join(json.dumps(answer_record(q, t, model_id), ensure_ascii=False) + "\n"
                               for q, t in zip(batch, texts)))
             out.flush()
             written += len(batch)

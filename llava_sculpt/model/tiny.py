@@ -6,7 +6,9 @@ Same architecture as llava-hf/llava-1.5-7b-hf, scaled down:
     projector        2-layer GELU MLP (LLaVA's `mlp2x_gelu`): 32 -> 64 -> 64
     language model   Llama, hidden 64, 2 layers, 4 heads, SwiGLU MLP 128
     tokenizer        byte-level BPE trained here on synthetic text (vocab ~400) with `<s>`, `</s>`, `<unk>`,
-                     `<pad>` and `<image>`; BOS is prepended like Llama's tokenizer
+                     `<pad>` and `<image>`; BOS is prepended like Llama's tokenizer.  `--eos-token T` makes
+                     T (e.g. `<|im_end|>`, as SmolLM2's) the special eos token instead of `</s>`, which is
+                     then ordinary text, as for a LLaVA built on a non-Llama language model
 
 `llava-sculpt tiny --output-dir DIR [--seed N]` writes
 
@@ -31,7 +33,8 @@ from llava_sculpt.errors import run_cli
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", PAD_TOKEN, IMAGE_TOKEN]
+EOS_TOKEN = "</s>"
+SPECIAL_TOKENS = ["<unk>", "<s>", EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN]
 
 COLOURS = {  # name -> RGB; the synthetic tasks ask about these
     "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -52,8 +55,9 @@ _TEMPLATE_TEXT = (
 )
 
 
-def build_tokenizer(seed: int = 0):
-    """Train a byte-level BPE tokenizer on the template and task vocabulary (no network)."""
+def build_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN):
+    """Train a byte-level BPE tokenizer on the template and task vocabulary (no network); `eos_token` takes
+    `</s>`'s place (same id) among the special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -63,8 +67,8 @@ def build_tokenizer(seed: int = 0):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=400, special_tokens=[eos_token if t == EOS_TOKEN else t for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     bos_id = tok.token_to_id("<s>")
@@ -72,17 +76,18 @@ def build_tokenizer(seed: int = 0):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=PAD_TOKEN,
+        tokenizer_object=tok, bos_token="<s>", eos_token=eos_token, unk_token="<unk>", pad_token=PAD_TOKEN,
         extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="right", model_max_length=2048,
     )
 
 
-def build_tiny_model(seed: int = 0):
-    """Return (model, processor) with the LLaVA-1.5 architecture at toy size, weights from `seed`."""
+def build_tiny_model(seed: int = 0, eos_token: str = EOS_TOKEN):
+    """Return (model, processor) with the LLaVA-1.5 architecture at toy size, weights from `seed`; the
+    tokenizer's, the config's and the generation config's eos is `eos_token`."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tokenizer = build_tokenizer(seed)
+    tokenizer = build_tokenizer(seed, eos_token)
     image_size, patch_size = 32, 8
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
@@ -160,9 +165,10 @@ def write_synthetic_train(data_dir: Path, seed: int = 0, num_samples: int = 24) 
     return path
 
 
-def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pretrain_steps: int = 0) -> Path:
+def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pretrain_steps: int = 0,
+               eos_token: str = EOS_TOKEN) -> Path:
     out = Path(output_dir)
-    model, processor = build_tiny_model(seed)
+    model, processor = build_tiny_model(seed, eos_token)
     if pretrain_steps:
         from llava_sculpt.model.pretrain_tiny import pretrain
 
@@ -184,8 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=0, help="train the random model this many steps on "
                    "general synthetic tasks (colour questions, captions) so that forgetting can be measured "
                    "(default 0: random weights, what the tests use)")
+    p.add_argument("--eos-token", default=EOS_TOKEN, help="the tokenizer's eos (end-of-turn) token, e.g. "
+                   "'<|im_end|>' to test a non-Vicuna tokenizer (default </s>, as LLaVA-1.5)")
     args = p.parse_args(argv)
-    out = build_tiny(args.output_dir, args.seed, args.num_samples, args.pretrain_steps)
+    out = build_tiny(args.output_dir, args.seed, args.num_samples, args.pretrain_steps, args.eos_token)
     print(f"tiny LLaVA-1.5-shaped model: {out / 'model'}\ntraining JSON: {out / 'data' / 'train.json'} "
           f"(--image_folder {out / 'data' / 'images'})")
     return 0
