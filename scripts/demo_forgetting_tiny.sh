@@ -7,9 +7,14 @@
 #   3. zero-shot evaluation; LoRA and LoRASculpt fine-tuning on the IconQA fixture (rank 16, 150 steps, a high
 #      learning rate that provokes forgetting); evaluation; one Table 1-layout table
 # Results: playground/demo_forgetting/ (runs/, table1_iconqa.md)
+# OUT (default playground/demo_forgetting of this repository) is relative to the folder you run the script from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+resolve_paths OUT
+cd "$HERE/.."
 OUT=${OUT:-playground/demo_forgetting}
+need_output_dir OUT
 METHODS=${METHODS:-"lora sculpt"}
 [ -f "$OUT/tiny/model/config.json" ] || llava-sculpt tiny --output-dir "$OUT/tiny" --seed 0 --pretrain-steps 300
 for dataset in iconqa okvqa ocrvqa gqa textvqa; do

@@ -8,9 +8,14 @@
 #      (scripts/eval_source_target.sh), printing its Table 1 row (the tiny random model scores near 0: the
 #      point is the pipeline)
 # Results: playground/demo/   (tiny/, runs/, data/, and the run's eval/ with answers, scores and the table)
+# DEMO (default playground/demo of this repository) is relative to the folder you run the script from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+resolve_paths DEMO
+cd "$HERE/.."
 DEMO=${DEMO:-playground/demo}
+need_output_dir DEMO
 METHOD=${METHOD:-sculpt}
 RUN="$DEMO/runs/${METHOD}_tiny"
 llava-sculpt tiny --output-dir "$DEMO/tiny" --seed 0

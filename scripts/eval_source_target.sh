@@ -22,6 +22,8 @@
 #   BENCHMARKS     benchmarks to run (default "okvqa ocrvqa gqa textvqa" + the target)
 #   SPEC_DIR       folder of the benchmark specs (default: eval/ of this repository)
 #   PYTHON         python interpreter with llava-sculpt installed (default python)
+# Paths (MODEL_PATH, DATA_ROOT, EVAL_DIR, MODEL_BASE, SPEC_DIR, PYTHON) are relative to the folder you run
+# the script from; MODEL_PATH and DATA_ROOT are checked before anything is written.
 # Rerunning resumes: answered questions are skipped, complete benchmarks are only re-scored.
 set -euo pipefail
 
@@ -37,9 +39,17 @@ if [ -z "${DATA_ROOT:-}" ]; then
     exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+resolve_paths MODEL_PATH DATA_ROOT EVAL_DIR MODEL_BASE SPEC_DIR
+resolve_command PYTHON
+need_dir MODEL_PATH "a \`llava-sculpt train\` run or checkpoint folder, or a merged Hugging Face checkpoint"
+need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs, DATA_ROOT/okvqa, DATA_ROOT/gqa, ..."
+[ -z "${MODEL_BASE:-}" ] || need_model MODEL_BASE "the base checkpoint of the adapter"
+[ -z "${SPEC_DIR:-}" ] || need_dir SPEC_DIR "a folder of benchmark specs like eval/"
 PYTHON=${PYTHON:-python}
-export LLAVA_SCULPT_SPEC_DIR=${SPEC_DIR:-$HERE/../eval}
+export LLAVA_SCULPT_SPEC_DIR=${SPEC_DIR:-$(dirname "$HERE")/eval}
 EVAL_DIR=${EVAL_DIR:-$MODEL_PATH/eval}
+need_output_dir EVAL_DIR
 NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 
 args=(--model-path "$MODEL_PATH" --data-root "$DATA_ROOT" --eval-dir "$EVAL_DIR" --num-gpus "$NUM_GPUS"

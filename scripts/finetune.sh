@@ -5,32 +5,41 @@
 # gradient checkpointing; DeepSpeed ZeRO-2; model_max_length 2048.
 #
 # Usage:  METHOD=sculpt TARGET=iconqa bash scripts/finetune.sh [extra llava-sculpt train flags...]
-# Variables (paths are required, with a message when missing):
+# Variables (paths are relative to the folder you run the script from, like any command's; the inputs are
+# checked, with a message naming the variable and the path, before anything is created):
 #   MODEL_BASE     HF LLaVA-1.5 checkpoint folder (llava-1.5-7b-hf, or `llava-sculpt convert` output)
 #   DATA_PATH      LLaVA training JSON of the target task (`llava-sculpt prepare TARGET ...` writes train.json)
 #   IMAGE_FOLDER   folder the JSON's image paths are relative to
 #   METHOD         lora | sculpt | dora | l2 | orth | dare | tailor   (default lora)
 #   TARGET         iconqa | coco (only names the run)          LORA_R   16 | 32 | 64 (default 32)
-#   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R}
+#   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R} in this repository
 #   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
-#   DS_CONFIG      default configs/zero2.json
+#   DS_CONFIG      default configs/zero2.json of this repository
 # Extra arguments are passed to `llava-sculpt train` last, so they override the settings above
 # (e.g. --max_steps 5 --per_device_train_batch_size 2 for a smoke run, or method flags like --sculpt_ratio 0.05).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+source "$HERE/_paths.sh"
+resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG
 
 METHOD=${METHOD:-lora}
 TARGET=${TARGET:-iconqa}
 LORA_R=${LORA_R:-32}
-need() { if [ -z "${!1:-}" ]; then echo "error: set $1 ($2)" >&2; exit 2; fi; }
-need MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint, e.g. MODEL_BASE=checkpoints/llava-1.5-7b-hf"
-need DATA_PATH "the LLaVA training JSON, e.g. DATA_PATH=playground/data/${TARGET}/train.json"
-need IMAGE_FOLDER "the folder its image paths are relative to"
-OUTPUT_DIR=${OUTPUT_DIR:-playground/runs/${METHOD}_${TARGET}_r${LORA_R}}
+need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint, e.g. MODEL_BASE=checkpoints/llava-1.5-7b-hf"
+need_file DATA_PATH "the LLaVA training JSON, e.g. DATA_PATH=playground/data/${TARGET}/train.json"
+need_dir IMAGE_FOLDER "the folder its image paths are relative to"
+[[ $LORA_R =~ ^[1-9][0-9]*$ ]] || script_error "LORA_R=$LORA_R is not a positive integer (the LoRA rank: 16, 32 or 64)"
+OUTPUT_DIR=${OUTPUT_DIR:-$REPO/playground/runs/${METHOD}_${TARGET}_r${LORA_R}}
+need_output_dir OUTPUT_DIR
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
-DS_CONFIG=${DS_CONFIG:-configs/zero2.json}
+[[ $NUM_GPUS =~ ^[0-9]+$ ]] || script_error "NUM_GPUS=$NUM_GPUS is not a number of GPUs (0 = CPU run)"
+DS_CONFIG=${DS_CONFIG:-$REPO/configs/zero2.json}
+[ "$NUM_GPUS" -eq 0 ] || need_file DS_CONFIG "a DeepSpeed config, e.g. configs/zero2.json"
+# no cd: extra arguments with paths (--resume_from_checkpoint ...) stay relative to the caller's folder too
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 args=(
   --method "$METHOD"
@@ -47,9 +56,8 @@ args=(
   --dataloader_num_workers 4 --report_to none
   --output_dir "$OUTPUT_DIR"
 )
-mkdir -p "$OUTPUT_DIR"
 if [ "$NUM_GPUS" -gt 0 ]; then
-  exec deepspeed --num_gpus "$NUM_GPUS" llava_sculpt/train.py "${args[@]}" \
+  exec deepspeed --num_gpus "$NUM_GPUS" "$REPO/llava_sculpt/train.py" "${args[@]}" \
     --deepspeed "$DS_CONFIG" --bf16 True --tf32 True --attn_implementation "${ATTN:-sdpa}" "$@"
 else
   echo "no GPU: CPU run without DeepSpeed, fp32 (use the embedded model: see README)" >&2

@@ -8,23 +8,37 @@
 #   MODEL_BASE   required: HF LLaVA-1.5 checkpoint folder
 #   DATA_ROOT    required: DATA_ROOT/{iconqa,coco,okvqa,ocrvqa,gqa,textvqa} are `llava-sculpt prepare` outputs;
 #                a target's train.json is its training data, its manifest.json names the image folder
-#   RUNS_DIR     default playground/table1 (RUNS_DIR/TARGET/METHOD_rLORA_R/ per run, RUNS_DIR/zero-shot/)
+#   RUNS_DIR     default playground/table1 of this repository (RUNS_DIR/TARGET/METHOD_rLORA_R/ per run,
+#                RUNS_DIR/zero-shot/)
 #   METHODS      default "lora dora l2 orth tailor dare sculpt"
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
 # DARE and Model Tailor are evaluated on their merged checkpoint (RUN/merged). Rerunning continues where it
 # stopped: finished runs (training_complete.json) are not retrained and generation resumes.
+# Paths (MODEL_BASE, DATA_ROOT, RUNS_DIR, PYTHON) are relative to the folder you run the script from; the
+# inputs are checked before anything is created.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+resolve_paths MODEL_BASE DATA_ROOT RUNS_DIR
+resolve_command PYTHON
 PYTHON=${PYTHON:-python}
-need() { if [ -z "${!1:-}" ]; then echo "error: set $1 ($2)" >&2; exit 2; fi; }
-need MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
-need DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
-RUNS_DIR=${RUNS_DIR:-playground/table1}
+need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
+need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
+RUNS_DIR=${RUNS_DIR:-$(dirname "$HERE")/playground/table1}
+need_output_dir RUNS_DIR
 METHODS=${METHODS:-"lora dora l2 orth tailor dare sculpt"}
 RANKS=${RANKS:-"16 32 64"}
 TARGETS=${TARGETS:-"iconqa coco"}
+for dataset in ${BENCHMARKS:-okvqa ocrvqa gqa textvqa iconqa coco} $TARGETS; do
+  [ -f "$DATA_ROOT/$dataset/manifest.json" ] || script_error "DATA_ROOT=$DATA_ROOT has no $dataset/manifest.json:" \
+    "run \`llava-sculpt prepare $dataset --out-dir $DATA_ROOT/$dataset ...\`"
+done
+for target in $TARGETS; do
+  [ -f "$DATA_ROOT/$target/train.json" ] || script_error "DATA_ROOT=$DATA_ROOT has no $target/train.json (the" \
+    "training data of target $target): run \`llava-sculpt prepare $target --out-dir $DATA_ROOT/$target ...\`"
+done
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 export PYTHON
 

@@ -2,11 +2,16 @@
 # reproduce_table1.sh, small, on the embedded default on CPU: the tiny model, synthetic fixtures of the six
 # benchmarks in their raw formats, every method, a few training steps, a few questions per benchmark.
 #   bash scripts/reproduce_table1_tiny.sh           (METHODS / RANKS / TARGETS narrow it; ~1 min per run)
+#   OUT (default playground/table1_tiny of this repository) and PYTHON are relative to the folder you run it from.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+resolve_paths OUT
+resolve_command PYTHON
 cd "$HERE/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-playground/table1_tiny}
+need_output_dir OUT
 llava-sculpt tiny --output-dir "$OUT/tiny" --seed 0 > /dev/null
 for dataset in iconqa coco okvqa ocrvqa gqa textvqa; do
   if [ ! -f "$OUT/data/$dataset/manifest.json" ]; then

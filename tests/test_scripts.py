@@ -1,4 +1,5 @@
-"""The launch scripts users run, on the embedded model on CPU (NUM_GPUS=0)."""
+"""The launch scripts users run, on the embedded model on CPU (NUM_GPUS=0), called the way users call them:
+from another folder than the repository, with paths relative to that folder."""
 from __future__ import annotations
 
 import json
@@ -12,60 +13,183 @@ import pytest
 
 from helpers import REPO
 
+SCRIPTS = REPO / "scripts"
+
 
 def script_env(**extra):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", NUM_GPUS="0",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("MODEL_BASE", None)
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    for name in ("MODEL_BASE", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR", "DATA_ROOT", "EVAL_DIR", "RUNS_DIR",
+                 "OUT", "DEMO", "DS_CONFIG", "SPEC_DIR", "BENCHMARKS", "MODEL_PATH"):
+        env.pop(name, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
-def test_finetune_script_missing_variable_message():
-    proc = subprocess.run(["bash", "scripts/finetune_lora_iconqa.sh"], cwd=REPO, env=script_env(),
-                          capture_output=True, text=True)
+def run_script(script: str, cwd: Path, *args, timeout=600, **env) -> subprocess.CompletedProcess:
+    """`bash <script> args...` from `cwd`, the script named by its path relative to `cwd` (as a user in
+    a parent folder types `bash clone/scripts/x.sh`)."""
+    path = os.path.relpath(SCRIPTS / script, cwd)
+    return subprocess.run(["bash", path, *map(str, args)], cwd=cwd, env=script_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def user_dir(tiny_dir, tmp_path):
+    """A user's working folder holding the tiny model and its data under `tiny/` (a link)."""
+    (tmp_path / "tiny").symlink_to(tiny_dir, target_is_directory=True)
+    return tmp_path
+
+
+def test_finetune_script_missing_variable_message(tmp_path):
+    proc = run_script("finetune_lora_iconqa.sh", tmp_path)
     assert proc.returncode == 2
     assert "set MODEL_BASE" in proc.stderr
 
 
-def test_finetune_lora_iconqa_script_on_tiny_model(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    env = script_env(MODEL_BASE=tiny_dir / "model", DATA_PATH=tiny_dir / "data" / "train.json",
-                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, LORA_R=16)
-    proc = subprocess.run(["bash", "scripts/finetune_lora_iconqa.sh", "--max_steps", "2",
-                           "--per_device_train_batch_size", "2", "--disable_tqdm", "True"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def test_finetune_lora_iconqa_script_with_paths_relative_to_the_caller(user_dir):
+    """Inputs read and outputs written relative to the caller's folder, then the eval script the same way."""
+    proc = run_script("finetune_lora_iconqa.sh", user_dir, "--max_steps", "2", "--per_device_train_batch_size", "2",
+                      "--disable_tqdm", "True", MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json",
+                      IMAGE_FOLDER="tiny/data/images", OUTPUT_DIR="runs/lora", LORA_R=16)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    args = json.loads((out / "run_args.json").read_text())["training_args"]
+    out = user_dir / "runs" / "lora"
+    assert (out / "training_complete.json").is_file()
+    assert not (REPO / "runs").exists()
+    record = json.loads((out / "run_args.json").read_text())
+    args = record["training_args"]
     # the paper's Table 1 settings reach the trainer
     assert (args["lora_r"], args["lora_alpha"], args["lora_dropout"]) == (16, 32, 0.05)
     assert args["learning_rate"] == 2e-4 and args["mm_projector_lr"] == 2e-5
     assert args["lr_scheduler_type"] == "cosine" and args["warmup_steps"] == 0.03
     assert args["gradient_checkpointing"] is True and args["group_by_modality_length"] is True
-    assert (out / "training_complete.json").is_file()
+    assert Path(args["output_dir"]) == out.resolve()
 
-
-def test_finetune_sculpt_coco_script_on_tiny_model(tiny_dir, tmp_path):
-    out = tmp_path / "sculpt"
-    env = script_env(MODEL_BASE=tiny_dir / "model", DATA_PATH=tiny_dir / "data" / "train.json",
-                     IMAGE_FOLDER=tiny_dir / "data" / "images", OUTPUT_DIR=out, LORA_R=8)
-    proc = subprocess.run(["bash", "scripts/finetune_sculpt_coco.sh", "--max_steps", "3", "--sculpt_step", "1",
-                           "--per_device_train_batch_size", "2", "--disable_tqdm", "True"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # evaluation of that run from the same folder: MODEL_PATH, DATA_ROOT, EVAL_DIR relative to it
+    from llava_sculpt.data.prepare.cli import main as prepare_main
+    from llava_sculpt.data.prepare.synthetic_raw import write_raw_fixture
+    write_raw_fixture("iconqa", user_dir / "raw", n=2)
+    assert prepare_main(["iconqa", "--raw-dir", str(user_dir / "raw"), "--out-dir", str(user_dir / "data" / "iconqa"),
+                         "--num-train", "0"]) == 0
+    proc = run_script("eval_source_target.sh", user_dir, "runs/lora", "iconqa", DATA_ROOT="data",
+                      EVAL_DIR="evals/lora", BENCHMARKS="iconqa", MAX_QUESTIONS=2, MAX_NEW_TOKENS=2, BATCH_SIZE=2,
+                      PYTHON=os.path.relpath(sys.executable, user_dir), OMP_NUM_THREADS=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((user_dir / "evals" / "lora" / "scores" / "iconqa.json").read_text())["task"] == "iconqa"
+    assert len((user_dir / "evals" / "lora" / "answers" / "iconqa.jsonl").read_text().splitlines()) == 2
+
+
+def test_finetune_sculpt_coco_script_from_a_parent_folder(user_dir):
+    """`MODEL_BASE=... bash clone/scripts/finetune_sculpt_coco.sh` from a folder above the model."""
+    work = user_dir / "work"
+    work.mkdir()
+    proc = run_script("finetune_sculpt_coco.sh", user_dir, "--max_steps", "3", "--sculpt_step", "1",
+                      "--per_device_train_batch_size", "2", "--disable_tqdm", "True", MODEL_BASE="./tiny/model",
+                      DATA_PATH="tiny/data/../data/train.json", IMAGE_FOLDER="tiny/data/images",
+                      OUTPUT_DIR="work/sculpt", LORA_R=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = work / "sculpt"
     record = json.loads((out / "run_args.json").read_text())
     assert record["method"] == "sculpt" and record["method_flags"]["sculpt_ratio"] == 0.1
     assert record["method_flags"]["cmr_lambda"] == 1e-3 and record["method_flags"]["cmr_targets"] == "q_proj,k_proj,v_proj"
     assert (out / "sparsity.json").is_file() and (out / "adapter_sparse.safetensors").is_file()
 
 
+@pytest.mark.parametrize("override,variable,words", [
+    ({"MODEL_BASE": "no/such/model"}, "MODEL_BASE", "does not exist"),
+    ({"MODEL_BASE": "tiny/data"}, "MODEL_BASE", "has no config.json"),
+    ({"DATA_PATH": "tiny/data/missing.json"}, "DATA_PATH", "does not exist"),
+    ({"DATA_PATH": "tiny/data/images"}, "DATA_PATH", "is not a file"),
+    ({"IMAGE_FOLDER": "pictures"}, "IMAGE_FOLDER", "does not exist"),
+    ({"LORA_R": "big"}, "LORA_R", "not a positive integer"),
+    ({"NUM_GPUS": "all"}, "NUM_GPUS", "not a number of GPUs"),
+    ({"NUM_GPUS": "2", "DS_CONFIG": "zero9.json"}, "DS_CONFIG", "does not exist"),
+])
+def test_finetune_bad_input_names_the_variable_and_creates_nothing(user_dir, override, variable, words):
+    env = {"MODEL_BASE": "tiny/model", "DATA_PATH": "tiny/data/train.json", "IMAGE_FOLDER": "tiny/data/images",
+           "OUTPUT_DIR": "runs/bad", **override}
+    proc = run_script("finetune_sculpt_iconqa.sh", user_dir, timeout=60, **env)
+    assert proc.returncode == 2, proc.stderr
+    message = one_line(proc.stderr)
+    assert f"{variable}=" in message and words in message
+    if variable not in ("LORA_R", "NUM_GPUS"):     # the path, made absolute from the caller's folder
+        assert f"{variable}={os.path.abspath(user_dir / override[variable])} " in message
+    assert not (user_dir / "runs").exists()
+    assert not (REPO / "runs").exists()
+
+
+def test_finetune_gpu_command_gets_absolute_paths(user_dir):
+    """The DeepSpeed branch (NUM_GPUS > 0), with a stand-in `deepspeed` that records its arguments: every
+    path is absolute, the train script is the repository's, and it runs in the caller's folder."""
+    bin_dir = user_dir / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "deepspeed"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$PYTHONPATH" "$@" > launched.txt\n')
+    stub.chmod(0o755)
+    (user_dir / "zero2.json").write_text("{}")
+    proc = run_script("finetune_dora_coco.sh", user_dir, "--max_steps", "1", timeout=60, NUM_GPUS=2,
+                      MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json", IMAGE_FOLDER="tiny/data/images",
+                      OUTPUT_DIR="runs/gpu", DS_CONFIG="zero2.json", PATH=f"{bin_dir}:{script_env()['PATH']}")
+    assert proc.returncode == 0, proc.stderr
+    cwd, pythonpath, *argv = (user_dir / "launched.txt").read_text().splitlines()
+    assert cwd == str(user_dir) and pythonpath.split(":")[0] == str(REPO)
+    assert argv[:3] == ["--num_gpus", "2", str(REPO / "llava_sculpt" / "train.py")]
+    value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    assert value["--model_name_or_path"] == str(user_dir / "tiny" / "model")
+    assert value["--data_path"] == str(user_dir / "tiny" / "data" / "train.json")
+    assert value["--output_dir"] == str(user_dir / "runs" / "gpu")
+    assert value["--deepspeed"] == str(user_dir / "zero2.json") and value["--method"] == "dora"
+    assert argv[-2:] == ["--max_steps", "1"]
+    assert not (user_dir / "runs").exists()      # the launcher (a stand-in here) creates the run folder
+
+
+def test_eval_script_bad_inputs_name_the_variable_and_create_nothing(user_dir):
+    (user_dir / "data").mkdir()
+    proc = run_script("eval_source_target.sh", user_dir, "runs/none", "iconqa", timeout=60, DATA_ROOT="data",
+                      EVAL_DIR="evals/x")
+    assert proc.returncode == 2
+    assert f"MODEL_PATH={user_dir.resolve() / 'runs' / 'none'} does not exist" in one_line(proc.stderr)
+    proc = run_script("eval_zero_shot.sh", user_dir, "tiny/model", timeout=60, DATA_ROOT="prepared")
+    assert proc.returncode == 2
+    assert f"DATA_ROOT={user_dir.resolve() / 'prepared'} does not exist" in one_line(proc.stderr)
+    proc = run_script("eval_source_target.sh", user_dir, "tiny/model", timeout=60, DATA_ROOT="data",
+                      MODEL_BASE="tiny/data")
+    assert proc.returncode == 2 and "MODEL_BASE=" in proc.stderr and "config.json" in proc.stderr
+    assert not (user_dir / "evals").exists() and not (user_dir / "tiny" / "model" / "eval").exists()
+
+
+def test_reproduce_table1_checks_data_root_before_creating_runs(user_dir):
+    (user_dir / "data" / "iconqa").mkdir(parents=True)
+    proc = run_script("reproduce_table1.sh", user_dir, timeout=60, MODEL_BASE="tiny/model", DATA_ROOT="data",
+                      RUNS_DIR="table1", TARGETS="iconqa")
+    assert proc.returncode == 2
+    message = one_line(proc.stderr)
+    assert f"DATA_ROOT={user_dir.resolve() / 'data'} has no okvqa/manifest.json" in message
+    assert "llava-sculpt prepare okvqa" in message
+    assert not (user_dir / "table1").exists() and not (REPO / "table1").exists()
+
+
+@pytest.mark.parametrize("script,variable", [("reproduce_table1_tiny.sh", "OUT"), ("demo_tiny.sh", "DEMO"),
+                                             ("demo_forgetting_tiny.sh", "OUT")])
+def test_demo_output_variables_are_relative_to_the_caller(tmp_path, script, variable):
+    """The demo scripts cd into the repository; their output folder is still the caller's."""
+    (tmp_path / "taken").write_text("a file, not a folder")
+    proc = run_script(script, tmp_path, timeout=60, **{variable: "taken"})
+    assert proc.returncode == 2
+    assert f"{variable}={tmp_path.resolve() / 'taken'} exists and is not a folder" in one_line(proc.stderr)
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="java is not on PATH: COCO's PTB tokenizer needs it")
 def test_reproduce_table1_tiny_narrow(tmp_path):
-    """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, two methods."""
-    env = script_env(OUT=tmp_path / "t1", METHODS="lora dare", RANKS="4", TARGETS="iconqa", MAX_QUESTIONS="2",
-                     MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "scripts/reproduce_table1_tiny.sh"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, two methods; OUT
+    relative to the caller's folder."""
+    proc = run_script("reproduce_table1_tiny.sh", tmp_path, timeout=900, OUT="t1", METHODS="lora dare", RANKS="4",
+                      TARGETS="iconqa", MAX_QUESTIONS="2", MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1",
+                      PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = (tmp_path / "t1" / "runs" / "table1_iconqa.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}

@@ -1,9 +1,15 @@
 """`llava-sculpt prepare DATASET --raw-dir RAW --out-dir OUT`: convert a benchmark's OFFICIAL raw files
 into LLaVA-1.5 training JSON and evaluation question JSON lines.
 
-    llava-sculpt prepare {iconqa,coco,okvqa,ocrvqa,gqa,textvqa} --raw-dir RAW --out-dir OUT
-        [--split S] [--num-train 10000] [--num-test N|all] [--seed 0] [--image-root DIR]
+    llava-sculpt prepare {iconqa,coco,okvqa,ocrvqa,gqa,textvqa} (--raw-dir RAW | --hf-dataset NAME_OR_DIR)
+        --out-dir OUT [--split S] [--num-train 10000] [--num-test N|all] [--seed 0] [--image-root DIR]
         [--skip-missing-images]
+
+--hf-dataset reads the benchmark as a Hugging Face dataset instead (a hub name such as lmms-lab/OK-VQA,
+lmms-lab/textvqa, lmms-lab/GQA, lmms-lab/ICON-QA, yerevann/coco-karpathy, lmms-lab/COCO-Caption2017,
+howard-hou/OCR-VQA; a local folder of its parquet files; or a save_to_disk folder) and writes the same
+files as the raw converter does; its images are written under --image-root (default: OUT).  See hf.py
+for the columns used per benchmark.
 
 Raw files expected in RAW (names as distributed):
   iconqa   problems.json, pid_splits.json                    images iconqa/{split}/choose_txt/{pid}/image.png
@@ -99,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("--raw-dir", required=True, type=Path, help="folder with the official raw files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--raw-dir", type=Path, help="folder with the official raw files")
+    source.add_argument("--hf-dataset", metavar="NAME_OR_DIR",
+                        help="the benchmark as a Hugging Face dataset: a hub name, a local folder of parquet "
+                             "files, or a save_to_disk folder (instead of --raw-dir)")
     parser.add_argument("--out-dir", required=True, type=Path, help="folder to write the outputs to")
     parser.add_argument("--split", default=None, help="evaluation split (dataset-specific default)")
     parser.add_argument("--num-train", type=_count, default=DEFAULT_NUM_TRAIN,
@@ -108,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation questions to sample (default all; the paper used 2000 for ocrvqa)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--image-root", type=Path, default=None,
-                        help="folder the image paths are relative to (default: --raw-dir)")
+                        help="folder the image paths are relative to (default: --raw-dir; with --hf-dataset: "
+                             "the folder the dataset's images are written to, default --out-dir)")
     parser.add_argument("--skip-missing-images", action="store_true",
                         help="drop samples whose image is missing (with a warning) instead of failing")
     return parser
@@ -120,8 +131,9 @@ def prepare(opts: PrepareOptions) -> Prepared:
     return module.prepare(opts)
 
 
-def write_outputs(opts: PrepareOptions, result: Prepared) -> dict[str, str]:
-    """Write a converter's result to opts.out_dir; returns {role: file name}."""
+def write_outputs(opts: PrepareOptions, result: Prepared, source: dict | None = None) -> dict[str, str]:
+    """Write a converter's result to opts.out_dir; returns {role: file name}.  `source` (--hf-dataset:
+    the dataset and the splits read) is recorded in manifest.json."""
     out = opts.out_dir
     files = {}
     if result.train is not None:
@@ -146,13 +158,39 @@ def write_outputs(opts: PrepareOptions, result: Prepared) -> dict[str, str]:
     write_json(out / "manifest.json", {
         "dataset": opts.dataset, "split": result.split, "seed": opts.seed,
         "image_folder": str(result.image_folder.resolve()),
-        "raw_files": [str(p.resolve()) for p in result.raw_files], "files": files,
+        "raw_files": [str(p.resolve()) for p in result.raw_files], **(source or {}), "files": files,
         "counts": {"train": len(train_ids), "test": len(test_ids)}}, indent=1)
     return files
 
 
+def _main_hf(args: argparse.Namespace) -> tuple[PrepareOptions, Prepared, dict]:
+    """--hf-dataset: rebuild the raw files from the dataset and run the same converter."""
+    from llava_sculpt.data.prepare.hf import prepare_hf
+
+    image_root = args.image_root if args.image_root is not None else args.out_dir
+    if image_root.exists() and not image_root.is_dir():
+        raise UserError(f"--image-root {image_root} is not a folder.")
+    opts = PrepareOptions(dataset=args.dataset, raw_dir=Path("."), out_dir=args.out_dir, image_root=image_root,
+                          split=args.split, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
+                          skip_missing_images=args.skip_missing_images)
+    converter = importlib.import_module(f"llava_sculpt.data.prepare.{args.dataset}").prepare
+    result = prepare_hf(opts, args.hf_dataset, converter, image_root_given=args.image_root is not None)
+    opts.num_train, opts.split = result.num_train, result.prepared.split
+    print(f"wrote {result.images_written} images under {image_root}")
+    return opts, result.prepared, result.source
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.num_test == 0:
+        raise UserError("--num-test 0 would write no questions; give a positive number or 'all'.")
+    if args.dataset not in TARGET_DATASETS and args.num_train not in (0, DEFAULT_NUM_TRAIN):
+        warn(f"--num-train is ignored for {args.dataset}: only iconqa and coco get a train.json.")
+    if args.hf_dataset is not None:
+        opts, result, source = _main_hf(args)
+        files = write_outputs(opts, result, source)
+        _report(opts, result, files)
+        return 0
     if not args.raw_dir.is_dir():
         raise UserError(f"--raw-dir {args.raw_dir} is not a folder; expected the folder holding the "
                         f"official {args.dataset} files.")
@@ -160,15 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not image_root.is_dir():
         raise UserError(f"--image-root {image_root} is not a folder; expected the folder the image paths "
                         f"are relative to.")
-    if args.num_test == 0:
-        raise UserError("--num-test 0 would write no questions; give a positive number or 'all'.")
-    if args.dataset not in TARGET_DATASETS and args.num_train not in (0, DEFAULT_NUM_TRAIN):
-        warn(f"--num-train is ignored for {args.dataset}: only iconqa and coco get a train.json.")
     opts = PrepareOptions(dataset=args.dataset, raw_dir=args.raw_dir, out_dir=args.out_dir,
                           image_root=image_root, split=args.split, num_train=args.num_train,
                           num_test=args.num_test, seed=args.seed, skip_missing_images=args.skip_missing_images)
     result = prepare(opts)
     files = write_outputs(opts, result)
+    _report(opts, result, files)
+    return 0
+
+
+def _report(opts: PrepareOptions, result: Prepared, files: dict[str, str]) -> None:
     out = opts.out_dir
     if result.train is not None:
         print(f"wrote {out / files['train']} ({len(result.train)} training samples)")
@@ -178,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out / files[role]}")
     print(f"wrote {out / 'sampled_ids.json'} and {out / 'manifest.json'}")
     print(f"image folder: {result.image_folder.resolve()}  (pass it as --image_folder / --image-folder)")
-    return 0
 
 
 if __name__ == "__main__":
