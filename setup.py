@@ -27,10 +27,14 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "quant": ["bitsandbytes>=0.45"],
-        "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0"],
+        # datasets: `llava-sculpt prepare --hf-dataset` (benchmarks as Hugging Face parquet datasets)
+        "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0", "datasets>=2.16"],
         # original LLaVA checkpoints ship a SentencePiece tokenizer.model; reading it needs these
         "convert": ["sentencepiece>=0.2", "protobuf>=4"],
         "dev": ["pytest>=7", "pytest-timeout"],
+        # --report_to wandb / tensorboard
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["llava-sculpt=llava_sculpt.cli:main"]},
 )

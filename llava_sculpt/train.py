@@ -48,6 +48,19 @@ class ModelArguments:
                                      "flash_attention_2 (GPU, needs flash-attn; LLaVA's train_mem.py) or eager",
                                      "choices": ["sdpa", "flash_attention_2", "eager"]})
     method: str = field(default="lora", metadata={"help": f"fine-tuning method: {', '.join(sorted(METHODS))}"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "LLaVA flag; patch (LLaVA-1.5: the "
+                                          "CLS token dropped) is checked against the checkpoint's "
+                                          "vision_feature_select_strategy (default = patch, full = cls_patch)",
+                                          "choices": ["patch", "cls_patch"]})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "LLaVA flag: a projector from "
+                                                "LLaVA's pretraining stage (mm_projector.bin with keys "
+                                                "model.mm_projector.0/2.*, or a mm_projector.safetensors) loaded "
+                                                "into the projector before training"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "LLaVA flag: True is LLaVA's stage-1 "
+                                      "projector-only pretraining, which llava-sculpt does not do (every method "
+                                      "trains LoRA + projector); only False is accepted"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "LLaVA flag: the language model's own weights "
+                                  "are always frozen here (LoRA trains beside them), so True and False both mean that"})
 
 
 @dataclass
@@ -122,14 +135,86 @@ def parse_args(argv: Sequence[str] | None):
     if "--output_dir" not in argv and not any(a.startswith("--output_dir=") for a in argv) \
             and not any(a in ("-h", "--help") for a in argv):
         raise UserError("--output_dir is required: where the adapter, projector and checkpoints are written")
+    argv = [_LLAVA_ALIASES.get(a, a) if not a.startswith(tuple(f"{k}=" for k in _LLAVA_ALIASES))
+            else _LLAVA_ALIASES[a.split("=", 1)[0]] + "=" + a.split("=", 1)[1] for a in argv]
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as err:  # TrainingArguments' own consistency checks: report them without a traceback
         raise UserError(f"invalid training arguments: {err}") from None
+    if remaining:
+        raise UserError(unknown_flags_message(parser, remaining))
     model_args, data_args, training_args, *method_flag_values = parsed
     method_cls = get_method_class(model_args.method)
     flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
     return model_args, data_args, training_args, method_cls(flags)
+
+
+# LLaVA-1.5's scripts were written for transformers 4.31; flags renamed since, mapped to today's name
+_LLAVA_ALIASES = {"--evaluation_strategy": "--eval_strategy"}
+
+# `--report_to X` needs a package that llava-sculpt does not install by default
+_REPORTERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def unknown_flags_message(parser, remaining: Sequence[str]) -> str:
+    """Each unknown flag with the closest known one (difflib over every flag of every method)."""
+    import difflib
+
+    known = sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
+    parts = []
+    for token in remaining:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    stray = [t for t in remaining if not t.startswith("--")]
+    if not parts:
+        return (f"unexpected value(s) {stray}: each value must follow its --flag (a flag given twice, or a value "
+                "with spaces that lost its quotes?)")
+    return (f"unknown flag(s): {', '.join(parts)}. `llava-sculpt train --help` lists every flag (LLaVA's, "
+            "Hugging Face TrainingArguments', and each --method's)")
+
+
+def check_reporters(training_args) -> None:
+    import importlib.util
+
+    for name in training_args.report_to or []:
+        if name in _REPORTERS and importlib.util.find_spec(_REPORTERS[name][0]) is None:
+            raise UserError(f"--report_to {name}: the {_REPORTERS[name][0]} package is not installed; "
+                            f"pip install 'llava-sculpt[{_REPORTERS[name][1]}]' (or pass --report_to none)")
+
+
+def load_pretrained_projector(model, path: str) -> None:
+    """--pretrain_mm_mlp_adapter: LLaVA's stage-1 projector (mm_projector.bin, keys model.mm_projector.0/2.*,
+    read with weights_only=True) or a llava-sculpt/LLaVA-HF projector file (keys linear_1/2.*)."""
+    from llava_sculpt.model.convert import map_llava_key
+
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrain_mm_mlp_adapter {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here is a bad file, explain it
+        raise UserError(f"--pretrain_mm_mlp_adapter {path}: cannot read it ({err})") from None
+    mapped = {}
+    for key, value in state.items():
+        hf = map_llava_key(key) if "mm_projector" in key else key
+        short = re.sub(r"^.*multi_modal_projector\.", "", hf or key)
+        mapped[short] = value
+    projector = find_projector(model)
+    own = projector.state_dict()
+    if set(mapped) != set(own) or any(mapped[k].shape != own[k].shape for k in own):
+        raise UserError(f"--pretrain_mm_mlp_adapter {path}: expected a mlp2x_gelu projector matching the model "
+                        f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(own.items()))}), got "
+                        f"{', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(state.items()))}")
+    with torch.no_grad():
+        for key, value in mapped.items():
+            own[key].copy_(value.to(own[key].dtype))
 
 
 def validate_llava_flags(model_args, data_args, training_args, config) -> None:
@@ -157,6 +242,18 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
                             "its own tower, so the flag is only checked — drop it or use the matching checkpoint")
         print(f"note: --vision_tower {model_args.vision_tower} is not loaded: the tower inside {ckpt} is used "
               f"(patch {vision.patch_size}, image {vision.image_size})")
+    if model_args.tune_mm_mlp_adapter:
+        raise UserError("--tune_mm_mlp_adapter True is LLaVA's stage-1 pretraining (projector only, language model "
+                        "untouched); llava-sculpt fine-tunes LoRA + projector (stage 2). Drop the flag; to start "
+                        "from a stage-1 projector pass --pretrain_mm_mlp_adapter mm_projector.bin")
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if (model_args.mm_vision_select_feature == "patch") != (strategy == "default"):
+        raise UserError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} differs from the "
+                        f"checkpoint {ckpt}, whose vision_feature_select_strategy is {strategy!r} (default = "
+                        "patch, full = cls_patch); drop the flag")
+    if model_args.pretrain_mm_mlp_adapter and not os.path.isfile(model_args.pretrain_mm_mlp_adapter):
+        raise UserError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}: no such file")
+    check_reporters(training_args)
     get_template(model_args.version)
     check_deepspeed_config(training_args.deepspeed)
     check_cpu_data_parallel(training_args)
@@ -204,7 +301,8 @@ def _projector_keys(state_dict: dict) -> dict[str, torch.Tensor]:
     """Fully trained projector weights out of a (possibly gathered, PEFT-prefixed) state dict."""
     out = {}
     for key, value in state_dict.items():
-        m = re.search(r"multi_modal_projector\.(linear_\d\.(?:weight|bias))$", key)
+        # the projector itself, or PEFT's trained copy of it (modules_to_save); never the frozen original
+        m = re.search(r"multi_modal_projector\.(?:modules_to_save\.[^.]+\.)?(linear_\d\.(?:weight|bias))$", key)
         if m and "lora_" not in key:
             out[m.group(1)] = value
     return out
@@ -399,6 +497,8 @@ def build_model(model_args, training_args, method, run: RunContext):
         model.enable_input_require_grads()
     transformers.set_seed(training_args.seed)  # adapter initialisation is reproducible
     model = method.inject(model, run)
+    for peft_config in getattr(model, "peft_config", {}).values():  # loadable from any working directory
+        peft_config.base_model_name_or_path = os.path.abspath(model_args.model_name_or_path)
     if training_args.lora_weight_path:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -409,6 +509,8 @@ def build_model(model_args, training_args, method, run: RunContext):
             raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: adapter keys do not match this "
                             f"model/method (e.g. {result.unexpected_keys[:2]}); same --lora_r and targets needed")
         load_projector(model, training_args.lora_weight_path)
+    elif model_args.pretrain_mm_mlp_adapter:
+        load_pretrained_projector(model, model_args.pretrain_mm_mlp_adapter)
     projector = find_projector(model)
     if method.trains_projector and not training_args.freeze_mm_mlp_adapter:
         for p in projector.parameters():

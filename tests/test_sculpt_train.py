@@ -150,7 +150,7 @@ def test_cmr_gradients_equal_dense_autograd_penalty(tiny_dir, tiny_processor, ac
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     got = {n: p.grad for n, p in hooked.named_parameters() if p.requires_grad}
     ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    assert set(got) == set(ref) and len(got) == 28
+    assert set(got) == set(ref) and len(got) == 28 + 4  # LoRA A/B of 14 layers + the trained projector copy
     for name in got:
         assert torch.allclose(got[name], ref[name], atol=1e-6, rtol=1e-4), name
     # the CMR really contributes on the q/k/v adapters

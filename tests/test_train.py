@@ -44,11 +44,18 @@ def test_run_directory_is_complete(trained_run):
 def test_lora_targets_language_model_linears_only(trained_run):
     config = json.loads((trained_run / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    keys = load_safetensors(trained_run / "adapter_model.safetensors").keys()
+    adapter = load_safetensors(trained_run / "adapter_model.safetensors")
+    keys = [k for k in adapter if ".lora_" in k]
     adapted = {k.split(".lora_")[0] for k in keys}
     assert len(adapted) == 2 * len(LM_LINEARS)  # 2 Llama layers x 7 linears
     assert all(".language_model." in k and k.rsplit(".", 1)[-1] in LM_LINEARS for k in adapted)
     assert not any("vision_tower" in k or "lm_head" in k or "multi_modal_projector" in k for k in keys)
+    # the rest of the adapter is the fully trained projector (PEFT's modules_to_save), the same values as
+    # the LLaVA-style mm_projector.safetensors
+    assert config["modules_to_save"] == ["multi_modal_projector"]
+    projector = load_safetensors(trained_run / "mm_projector.safetensors")
+    rest = {k.split("multi_modal_projector.", 1)[1]: v for k, v in adapter.items() if ".lora_" not in k}
+    assert set(rest) == set(projector) and all(torch.equal(rest[k], projector[k]) for k in projector)
 
 
 def test_projector_trained_and_adapter_nonzero(trained_run, tiny_dir):

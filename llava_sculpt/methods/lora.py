@@ -1,6 +1,6 @@
 """Plain LoRA as LLaVA-1.5 applies it (Hu et al., ICLR'22): W = W0 + (alpha / r) * B A on every linear
 layer of the language model (q, k, v, o, gate, up, down for Llama); the vision tower and lm_head are frozen
-and unadapted.  The projector is trained in full by the trainer (see `trains_projector`)."""
+and unadapted.  The projector is trained in full (see `trains_projector`) as PEFT's `modules_to_save`."""
 from __future__ import annotations
 
 import re
@@ -10,6 +10,7 @@ import torch.nn as nn
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 
 PROJECTOR_LINEARS = ("linear_1", "linear_2")
+PROJECTOR_MODULE = "multi_modal_projector"
 
 
 def language_model_linear_suffixes(model) -> list[str]:
@@ -44,8 +45,13 @@ def make_lora_config(training_args, model, include_projector: bool = False, **ov
 
 
 def inject_lora(model, run: RunContext, include_projector: bool = False, **overrides):
+    """PEFT LoRA on the language model.  When the projector is fully trained (LLaVA-1.5; not with LoRA on it,
+    not with --freeze_mm_mlp_adapter), it is PEFT's `modules_to_save`: the adapter then carries the trained
+    projector, so plain `PeftModel.from_pretrained(base, run_dir)` restores the whole trained model."""
     from peft import get_peft_model
 
+    if not include_projector and not getattr(run.training_args, "freeze_mm_mlp_adapter", False):
+        overrides.setdefault("modules_to_save", [PROJECTOR_MODULE])
     return get_peft_model(model, make_lora_config(run.training_args, model, include_projector, **overrides))
 
 

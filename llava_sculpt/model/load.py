@@ -1,11 +1,14 @@
 """Loading LLaVA-1.5 in Hugging Face format for training and inference.
 
 A training run directory (and every `checkpoint-N` inside it) holds:
-    adapter_config.json, adapter_model.safetensors   the PEFT adapter
-    mm_projector.safetensors                          the trained projector (keys linear_1.weight, ...)
+    adapter_config.json, adapter_model.safetensors   the PEFT adapter, trained projector included (PEFT's
+                                                      `modules_to_save`), base recorded as an absolute path
+    mm_projector.safetensors                          the trained projector again, LLaVA-style (keys
+                                                      linear_1.weight, ...); plain PEFT does not need it
     processor / tokenizer files, run_args.json, method_state.safetensors
 `load_for_inference` rebuilds base + trained projector + adapter from it without merging, or loads a
-merged / plain HF checkpoint directly.
+merged / plain HF checkpoint directly.  Run directories written before the projector travelled inside the
+adapter (no `modules_to_save`) still load: their projector comes from mm_projector.safetensors.
 """
 from __future__ import annotations
 
@@ -22,10 +25,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def find_projector(model) -> torch.nn.Module:
+    """The projector the model computes with: inside a PEFT model whose adapter saves the projector
+    (`modules_to_save`), the adapter's trainable copy, not the frozen original PEFT keeps beside it."""
     for name, module in model.named_modules():
         if name.endswith("multi_modal_projector"):
+            copies = getattr(module, "modules_to_save", None)
+            if copies is not None and len(copies):
+                return copies[module.active_adapters[0]]
             return module
     raise UserError("the model has no multi_modal_projector: is this a LLaVA checkpoint?")
+
+
+def adapter_saves_projector(run_dir: str) -> bool:
+    """True when the run's PEFT adapter carries the trained projector itself (`modules_to_save`)."""
+    try:
+        with open(os.path.join(run_dir, ADAPTER_CONFIG)) as f:
+            saved = json.load(f).get("modules_to_save") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any("multi_modal_projector" in name for name in saved)
 
 
 def check_hf_llava_dir(path: str, flag: str) -> None:
@@ -148,7 +166,8 @@ def load_for_inference(model_path: str, model_base: str | None = None, dtype: to
             raise UserError(f"--model-path {model_path} is a LoRA adapter; pass the base checkpoint with "
                             f"--model-base (the adapter records {model_base!r}, which is not a local folder)")
     model = load_base_model(model_base, dtype, attn_implementation, flag="--model-base")
-    load_projector(model, model_path)
+    if not adapter_saves_projector(model_path):  # runs written before the projector travelled in the adapter
+        load_projector(model, model_path)
     model = PeftModel.from_pretrained(model, model_path)
     processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
     return model.eval(), load_processor(processor_dir)
