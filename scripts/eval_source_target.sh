@@ -14,6 +14,8 @@
 #   MODEL_BASE     base checkpoint of an adapter
 #   METHOD, LORA_R   run_meta.json values (default: run_args.json "method" and training_args.lora_r)
 #   BATCH_SIZE     questions per generate() call (default 8)
+#   OVERWRITE=1    discard answers/scores in EVAL_DIR written by another model or other settings
+#   ADOPT=1        adopt answer files from before answers recorded what produced them
 #   MAX_QUESTIONS  first N questions per benchmark, for smoke runs (scored as partial)
 #   MAX_NEW_TOKENS override the specs' max_new_tokens (128)
 #   CONV_MODE      override the specs' conversation template (vicuna_v1)
@@ -56,6 +58,8 @@ args=(--model-path "$MODEL_PATH" --data-root "$DATA_ROOT" --eval-dir "$EVAL_DIR"
       --batch-size "${BATCH_SIZE:-8}" --compat "${COMPAT:-official}")
 [ -n "${MODEL_BASE:-}" ] && args+=(--model-base "$MODEL_BASE")
 [ -n "${MAX_QUESTIONS:-}" ] && args+=(--max-questions "$MAX_QUESTIONS")
+[ "${OVERWRITE:-0}" = 1 ] && args+=(--overwrite)
+[ "${ADOPT:-0}" = 1 ] && args+=(--adopt)
 [ -n "${MAX_NEW_TOKENS:-}" ] && args+=(--max-new-tokens "$MAX_NEW_TOKENS")
 [ -n "${CONV_MODE:-}" ] && args+=(--conv-mode "$CONV_MODE")
 [ -n "${METHOD:-}" ] && args+=(--method "$METHOD")

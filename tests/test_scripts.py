@@ -81,6 +81,15 @@ def test_finetune_lora_iconqa_script_with_paths_relative_to_the_caller(user_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((user_dir / "evals" / "lora" / "scores" / "iconqa.json").read_text())["task"] == "iconqa"
     assert len((user_dir / "evals" / "lora" / "answers" / "iconqa.jsonl").read_text().splitlines()) == 2
+    # another model into the same EVAL_DIR: refused (never mixes models); OVERWRITE=1 starts it afresh
+    other = dict(DATA_ROOT="data", EVAL_DIR="evals/lora", BENCHMARKS="iconqa", MAX_QUESTIONS=2, MAX_NEW_TOKENS=2,
+                 BATCH_SIZE=2, PYTHON=os.path.relpath(sys.executable, user_dir), OMP_NUM_THREADS=1, METHOD="zero-shot")
+    proc = run_script("eval_source_target.sh", user_dir, "tiny/model", "iconqa", **other)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("eval_source_target.sh", user_dir, "tiny/model", "iconqa", OVERWRITE=1, **other)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((user_dir / "evals" / "lora" / "answers" / "iconqa.jsonl.meta.json").read_text())
+    assert os.path.samefile(meta["model_path"], user_dir / "tiny" / "model")
 
 
 def test_finetune_sculpt_coco_script_from_a_parent_folder(user_dir):
