@@ -34,6 +34,20 @@ with torch.no_grad():
 """
 
 
+def copy_without_projector_in_adapter(run, dest):
+    """A copy of `run` in the layout from before: the adapter holds LoRA only (no modules_to_save)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(run, dest)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    config["modules_to_save"] = None
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    adapter = load_safetensors(dest / "adapter_model.safetensors")
+    save_file({k: v for k, v in adapter.items() if "multi_modal_projector" not in k},
+              str(dest / "adapter_model.safetensors"))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def run_from_elsewhere(tiny_dir, tmp_path_factory):
     """Trained from another working directory with a RELATIVE --model_name_or_path."""
@@ -90,17 +104,8 @@ def test_plain_peft_from_another_directory_equals_merged(run_from_elsewhere, tin
         assert torch.equal(merged.model.multi_modal_projector.state_dict()[key], value), key
 
     # without the trained projector the logits differ: PEFT really restored it from the adapter
-    stripped = tmp_path / "lora_only"
-    shutil.copytree(run, stripped)
+    stripped = copy_without_projector_in_adapter(run, tmp_path / "lora_only")
     (stripped / "mm_projector.safetensors").unlink()
-    config = json.loads((stripped / "adapter_config.json").read_text())
-    config["modules_to_save"] = None
-    (stripped / "adapter_config.json").write_text(json.dumps(config))
-    from safetensors.torch import save_file
-
-    adapter = load_safetensors(stripped / "adapter_model.safetensors")
-    save_file({k: v for k, v in adapter.items() if "multi_modal_projector" not in k},
-              str(stripped / "adapter_model.safetensors"))
     proc = subprocess.run([sys.executable, str(script), str(stripped), str(image), text, "lora_only.pt"],
                           cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,19 +114,10 @@ def test_plain_peft_from_another_directory_equals_merged(run_from_elsewhere, tin
 
 def test_runs_written_before_still_load(run_from_elsewhere, tiny_dir, tmp_path, tiny_processor):
     """The previous layout: adapter without modules_to_save, projector only in mm_projector.safetensors."""
-    from safetensors.torch import save_file
-
     from llava_sculpt.model.load import load_for_inference
 
     run = run_from_elsewhere / "run"
-    legacy = tmp_path / "legacy"
-    shutil.copytree(run, legacy)
-    config = json.loads((legacy / "adapter_config.json").read_text())
-    config["modules_to_save"] = None
-    (legacy / "adapter_config.json").write_text(json.dumps(config))
-    adapter = load_safetensors(legacy / "adapter_model.safetensors")
-    save_file({k: v for k, v in adapter.items() if "multi_modal_projector" not in k},
-              str(legacy / "adapter_model.safetensors"))
+    legacy = copy_without_projector_in_adapter(run, tmp_path / "legacy")
     inputs = sample_inputs(tiny_processor, tiny_dir)
     new_model, _ = load_for_inference(str(run))
     old_model, _ = load_for_inference(str(legacy))
