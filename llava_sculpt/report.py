@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from llava_sculpt.atomic import atomic_open
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")  # suffix "_proj" in Llama module names
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -36,7 +36,7 @@ def load_sparsity(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        raise UserError(f"{path}: not valid JSON ({json_error_text(err)})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot be read ({err})") from None
     if not isinstance(doc, dict):

@@ -11,6 +11,9 @@
 #   need_dir / need_file VAR HINT     ... unless VAR names an existing folder / file
 #   need_model VAR HINT     ... unless VAR is a folder holding config.json (a Hugging Face checkpoint)
 #   need_output_dir VAR     ... if VAR names something that exists but is not a folder
+#   stage LOG TEXT CMD...   one line for one stage of a long job, "[  42s] TEXT ... done (7s)" (time since the
+#                           script started, then the stage's own), CMD's output appended to LOG; if CMD fails:
+#                           the end of LOG on stderr and exit with CMD's status
 
 abs_path() {
     local path=$1
@@ -66,4 +69,23 @@ need_output_dir() {
     if [ -e "${!1}" ] && [ ! -d "${!1}" ]; then
         script_error "$1=${!1} exists and is not a folder (the outputs go into it)"
     fi
+}
+
+stage() {
+    local log=$1 text=$2 start=$SECONDS status errexit=${-//[^e]/}
+    shift 2
+    mkdir -p "$(dirname "$log")"
+    echo "=== $(date '+%F %T') $text" >> "$log"
+    printf '[%4ds] %s ... ' "$SECONDS" "$text"
+    # not `CMD || status=$?`: bash ignores `set -e` inside a function run on the left of ||
+    set +e
+    ( set -e; "$@" ) >> "$log" 2>&1
+    status=$?
+    [ -z "$errexit" ] || set -e
+    if [ "$status" -ne 0 ]; then
+        echo "failed (exit $status)"
+        { echo "the end of $log:"; tail -n 30 "$log" | sed 's/^/    /'; } >&2
+        exit "$status"
+    fi
+    echo "done ($((SECONDS - start))s)"
 }

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from llava_sculpt.data.conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationTemplate,
                                             conversations_to_turns, end_of_turn, tokenize_conversation)
-from llava_sculpt.errors import UserError
+from llava_sculpt.errors import UserError, json_error_text
 
 
 def expand2square(image, background_color: tuple[int, int, int]):
@@ -69,8 +69,8 @@ def load_llava_json(data_path: str, image_folder: str | None) -> list[dict]:
     except FileNotFoundError:
         raise UserError(f"--data_path {data_path}: file not found") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"--data_path {data_path}: not valid JSON ({err.msg} at line {err.lineno}, "
-                        f"column {err.colno}); expected a list of LLaVA samples") from None
+        raise UserError(f"--data_path {data_path}: not valid JSON ({json_error_text(err)}); "
+                        "expected a list of LLaVA samples") from None
     if not isinstance(samples, list):
         raise UserError(f"--data_path {data_path}: expected a JSON list of samples "
                         f"({{'id', 'image', 'conversations'}}), got a {type(samples).__name__}")

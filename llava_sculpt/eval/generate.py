@@ -59,7 +59,7 @@ from typing import Sequence
 
 from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.data.conversation import IMAGE_PLACEHOLDER, generation_prompt, get_template
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 
 ANSWER_NAMESPACE = uuid.UUID("6f1c1b2e-4a52-4c39-9a43-0c6f6c7d2a11")
 
@@ -95,7 +95,7 @@ def load_questions(path: str) -> list[Question]:
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({err.msg}, column {err.colno}); expected one object "
+            raise UserError(f"{where}: not valid JSON ({json_error_text(err, line=False)}); expected one object "
                             '{"question_id", "image", "text"} per line.') from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}.")

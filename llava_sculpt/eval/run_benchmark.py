@@ -39,10 +39,11 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 from llava_sculpt.atomic import atomic_open, write_json_atomic
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 from llava_sculpt.eval.specs import BenchmarkSpec, find_spec, load_spec
 
 TARGET_TASKS = ("iconqa", "coco")
@@ -57,7 +58,7 @@ def _read_run_args(model_path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+        raise UserError(f"{path} is not valid JSON ({json_error_text(err)}).") from None
     if not isinstance(record, dict):
         raise UserError(f"{path}: expected the JSON object written by `llava-sculpt train`.")
     return record
@@ -175,16 +176,19 @@ def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
 
 
 class Generator:
-    """Generates the answers of one benchmark, in this process (model loaded once) or one process per GPU."""
+    """Generates the answers of one benchmark, in this process (model loaded once) or one process per GPU.
+    `log` prints one progress line (the driver's stage lines)."""
 
-    def __init__(self, args):
+    def __init__(self, args, log: Callable[[str], None] = print):
         self.args = args
+        self.log = log
         self._model = None
 
     def model(self):
         if self._model is None:
             from llava_sculpt.eval.generate import load_model
 
+            self.log(f"loading {self.args.model_path}" + (f" on {self.args.model_base}" if self.args.model_base else ""))
             self._model = load_model(self.args.model_path, self.args.model_base, self.args.dtype)
         return self._model
 
@@ -194,13 +198,17 @@ class Generator:
         args = self.args
         max_new_tokens = args.max_new_tokens or spec.max_new_tokens
         conv_mode = args.conv_mode or spec.conv_mode
-        if not pending_questions(questions, answers_file):
-            print(f"{spec.name}: all {len(questions)} answers present in {answers_file}")
+        pending = pending_questions(questions, answers_file)
+        if not pending:
+            self.log(f"{spec.name}: all {len(questions)} answers present in {answers_file}")
             return
+        resumed = f" ({len(questions) - len(pending)} already answered)" if len(pending) < len(questions) else ""
         if args.num_gpus > 1 and not os.path.exists(answers_file):
+            self.log(f"{spec.name}: generating {len(pending)} answer(s) on {args.num_gpus} GPUs")
             self._run_chunked(spec, answers_file, max_new_tokens, conv_mode, len(questions))
             return
         model, processor = self.model()
+        self.log(f"{spec.name}: generating {len(pending)} answer(s){resumed}")
         generate_answers(model, processor, questions, answers_file, args.batch_size, spec.image_folder, conv_mode,
                          args.image_aspect_ratio, max_new_tokens=max_new_tokens,
                          model_id=model_name(args.model_path), progress=not args.no_progress)
@@ -326,14 +334,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
     claim_eval_dir(args, eval_dir, work)
     write_json_atomic(os.path.join(eval_dir, "run_meta.json"), meta)
-    generator = Generator(args)
+    started = time.monotonic()
+
+    def log(text: str) -> None:  # one line per stage, with the seconds since the driver started
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
+
+    generator = Generator(args, log)
     for spec, questions in work:
+        benchmark_start = time.monotonic()
         answers_file = os.path.join(eval_dir, "answers", f"{spec.name}.jsonl")
         os.makedirs(os.path.dirname(answers_file), exist_ok=True)
         generator.run(spec, questions, answers_file)
+        log(f"{spec.name}: scoring")
         payload = score_benchmark(spec, answers_file, os.path.join(eval_dir, "scores", f"{spec.name}.json"),
                                   args.compat, partial=args.max_questions is not None)
-        print(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']})", flush=True)
+        log(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']}), done in "
+            f"{time.monotonic() - benchmark_start:.1f}s")
     print(f"wrote {eval_dir}/run_meta.json and scores/ ({', '.join(s.name for s in specs)}); "
           f"table: llava-sculpt table {eval_dir}")
     return 0

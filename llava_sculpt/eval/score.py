@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from llava_sculpt.atomic import write_json_atomic
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 from llava_sculpt.eval import metrics
 
 TASKS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa")
@@ -66,7 +66,7 @@ def _read_json(path: str, what: str) -> Any:
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist.") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+        raise UserError(f"{what} {path} is not valid JSON ({json_error_text(err)}).") from None
 
 
 def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
@@ -81,7 +81,7 @@ def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
             items = list(enumerate(json.loads(text), start=1))
         except json.JSONDecodeError as err:
             raise UserError(f"{what} {path} starts like a JSON list but does not parse "
-                            f"(line {err.lineno}: {err.msg}).") from None
+                            f"({json_error_text(err)}).") from None
         where = "item"
     else:
         items, where = [], "line"
@@ -91,7 +91,7 @@ def _read_records(path: str, what: str) -> list[tuple[int, dict]]:
             try:
                 items.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise UserError(f"{what} {path}, line {number}: not valid JSON ({err.msg}); expected one "
+                raise UserError(f"{what} {path}, line {number}: not valid JSON ({json_error_text(err, line=False)}); expected one "
                                 "JSON object per line.") from None
     for number, record in items:
         if not isinstance(record, dict):

@@ -34,7 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 
 ROLES = ("source", "target")
 REQUIRED = ("name", "task", "role", "question_file", "annotation_file")
@@ -134,7 +134,7 @@ def load_spec(path: str, data_root: str | None = None, check_files: bool = True)
     except FileNotFoundError:
         raise UserError(f"benchmark spec {path} does not exist.") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"benchmark spec {path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+        raise UserError(f"benchmark spec {path} is not valid JSON ({json_error_text(err)}).") from None
     if not isinstance(raw, dict):
         raise UserError(f"benchmark spec {path}: expected a JSON object, got {type(raw).__name__}.")
     unknown = sorted(k for k in raw if k not in REQUIRED + OPTIONAL and not k.startswith("_"))

@@ -20,7 +20,7 @@ ties share the mark; the zero-shot row is not ranked; a column with fewer than t
 is not marked) are marked - markdown: **bold** / <u>underline</u>,
 csv/json: `best` / `second` column lists.  The group's unique best Avg also shows its gain over the best
 other method of the group, like the paper's up-arrow: "70.13↑0.66" (difference of the displayed values).
-One table per target task (iconqa, coco) present among the runs.
+One table per target task (iconqa, coco) present among the runs; --target T prints only T's.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from llava_sculpt.atomic import write_text_atomic
-from llava_sculpt.errors import UserError, run_cli
+from llava_sculpt.errors import UserError, json_error_text, run_cli
 
 SOURCE_TASKS = ("okvqa", "ocrvqa", "gqa", "textvqa")
 SOURCE_COLUMNS = ("OKVQA", "OCRVQA", "GQA", "TextVQA")
@@ -101,7 +101,7 @@ def _read_json(path: str, what: str) -> object:
         raise UserError(f"{what} {path} does not exist (see `llava-sculpt table --help` for the run-dir "
                         "layout).") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
+        raise UserError(f"{what} {path} is not valid JSON ({json_error_text(err)}).") from None
 
 
 def load_run(run_dir: str) -> Run:
@@ -258,11 +258,20 @@ def to_json(tables: Sequence[Table]) -> str:
 RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line (a UserError), not argparse's usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{message} (`llava-sculpt table --help` for the flags and the run-dir layout).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-sculpt table", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="llava-sculpt table", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--format", default="md", help="comma-separated subset of md,csv,json (default md)")
+    parser.add_argument("--target", default=None, metavar="TARGET", help=f"only the table of this target task "
+                        f"({' or '.join(TARGETS)}; default: one table per target among the runs)")
     parser.add_argument("--out", default=None, help="write PREFIX.md / PREFIX.csv / PREFIX.json "
                                                     "instead of printing")
     args = parser.parse_args(argv)
@@ -270,8 +279,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise UserError(f"--format {args.format!r}: expected a comma-separated subset of md,csv,json.")
+    if args.target is not None and args.target not in TARGETS:
+        raise UserError(f"--target {args.target!r}: the target tasks are {', '.join(TARGETS)}.")
+    for run_dir in args.run_dirs:
+        if run_dir in TARGETS and not os.path.exists(run_dir):
+            raise UserError(f"{run_dir!r} is a target task, not a run directory: pass the run directories, and "
+                            f"--target {run_dir} for only its table.")
     runs = [load_run(d) for d in args.run_dirs]
     tables = build_tables(runs)
+    if args.target is not None:
+        present = [t.target for t in tables]
+        tables = [t for t in tables if t.target == args.target]
+        if not tables:
+            raise UserError(f"--target {args.target}: none of the runs was fine-tuned on {args.target} "
+                            f"(their tables: {', '.join(present)}).")
     # gqa, textvqa and coco score the same in both modes; the others must not be mixed silently
     compat = {c for r in runs for task, c in r.compat.items() if task not in ("gqa", "textvqa", "coco")}
     if len(compat) > 1:

@@ -75,7 +75,7 @@ def pretrain(model, processor, data_dir: Path, steps: int, seed: int = 0, lr: fl
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             if len(losses) >= steps:
                 break
     model.eval()

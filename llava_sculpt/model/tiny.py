@@ -175,7 +175,15 @@ def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pre
         losses = pretrain(model, processor, out / "data", pretrain_steps, seed)
         print(f"pretrained the tiny model for {pretrain_steps} steps on general synthetic tasks: "
               f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    model.save_pretrained(out / "model")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise for a 1 MB model
+    try:
+        model.save_pretrained(out / "model")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     processor.save_pretrained(out / "model")
     write_synthetic_train(out / "data", seed=seed, num_samples=num_samples)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from llava_sculpt.atomic import atomic_open, write_json_atomic
-from llava_sculpt.errors import UserError
+from llava_sculpt.errors import UserError, json_error_text
 
 # LLaVA-1.5's short-answer prompt suffix (REFERENCE.md section 3).
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -58,7 +58,7 @@ def load_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+        raise UserError(f"{path} is not valid JSON ({json_error_text(err)}); "
                         f"expected the official {what} file.") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err}); expected the official {what} file.") from None
@@ -75,7 +75,7 @@ def load_jsonl(path: Path, required: Iterable[str]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}, line {number}: not valid JSON ({err.msg}); expected one JSON "
+                raise UserError(f"{path}, line {number}: not valid JSON ({json_error_text(err, line=False)}); expected one JSON "
                                 f"object per line.") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
