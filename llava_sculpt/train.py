@@ -23,8 +23,9 @@ from llava_sculpt.data.conversation import get_template
 from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset, ModalityGroupedSampler
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.methods import METHODS, RunContext, get_method_class
-from llava_sculpt.model.load import (PROJECTOR_FILE, check_hf_llava_dir, find_projector, load_base_model, load_processor,
-                                     load_projector, save_projector)
+from llava_sculpt.model.load import (PROJECTOR_FILE, check_hf_llava_dir, find_projector, load_base_model,
+                                     load_partial_model, load_processor, load_projector, save_partial_model,
+                                     save_projector)
 
 METHOD_STATE_FILE = "method_state.safetensors"
 RUN_ARGS_FILE = "run_args.json"
@@ -78,7 +79,8 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate sequences (image tokens included) "
                                   "to this many tokens"})
-    lora_enable: bool = field(default=True, metadata={"help": "LLaVA flag; every method here is LoRA-based"})
+    lora_enable: bool = field(default=True, metadata={"help": "LLaVA flag; the LoRA methods need True; --method "
+                              "spider / magnitude_mask train without LoRA and accept either"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (LLaVA default 64; the paper uses 16/32/64)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (LLaVA default 16; the paper uses 2r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -144,13 +146,18 @@ def parse_args(argv: Sequence[str] | None):
     if remaining:
         raise UserError(unknown_flags_message(parser, remaining))
     model_args, data_args, training_args, *method_flag_values = parsed
+    if not has_accelerator() and not any(a.split("=", 1)[0] == "--dataloader_pin_memory" for a in argv):
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns every epoch
     method_cls = get_method_class(model_args.method)
     flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
     return model_args, data_args, training_args, method_cls(flags)
 
 
 # LLaVA-1.5's scripts were written for transformers 4.31; flags renamed since, mapped to today's name
-_LLAVA_ALIASES = {"--evaluation_strategy": "--eval_strategy"}
+# (transformers 5 still takes --gradient_checkpointing but warns that it is deprecated)
+_LLAVA_ALIASES = {"--evaluation_strategy": "--eval_strategy",
+                  "--gradient_checkpointing": "--activation_checkpointing",
+                  "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs"}
 
 # `--report_to X` needs a package that llava-sculpt does not install by default
 _REPORTERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
@@ -220,9 +227,15 @@ def load_pretrained_projector(model, path: str) -> None:
 def validate_llava_flags(model_args, data_args, training_args, config) -> None:
     """LLaVA flags that only make sense for the original code are checked against the HF checkpoint."""
     ckpt = model_args.model_name_or_path
-    if not training_args.lora_enable:
-        raise UserError("--lora_enable False (full fine-tuning of the language model) is not supported: every "
-                        "method in llava-sculpt trains LoRA adapters; drop the flag or pass --lora_enable True")
+    uses_lora = get_method_class(model_args.method).uses_lora
+    if not training_args.lora_enable and uses_lora:
+        raise UserError(f"--lora_enable False (full fine-tuning of the language model) is not supported by --method "
+                        f"{model_args.method}, which trains LoRA adapters; drop the flag or pass --lora_enable True "
+                        f"(--method {'/'.join(sorted(m for m, c in METHODS.items() if not c.uses_lora))} fine-tune "
+                        "the last decoder layers without LoRA)")
+    if not uses_lora and (training_args.lora_weight_path or training_args.bits != 16):
+        raise UserError(f"--method {model_args.method} fine-tunes the model's own weights (no LoRA): "
+                        "--lora_weight_path and --bits 4/8 do not apply")
     if model_args.mm_projector_type != "mlp2x_gelu":
         raise UserError(f"--mm_projector_type {model_args.mm_projector_type}: Hugging Face LLaVA-1.5 checkpoints "
                         "have the 2-layer GELU projector (mlp2x_gelu); other projector types cannot be loaded")
@@ -262,14 +275,18 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
         raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
 
 
+def has_accelerator() -> bool:
+    """A GPU (or other torch accelerator) this process can use."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def check_cpu_data_parallel(training_args) -> None:
     """transformers 5 on a machine without an accelerator, launched as several processes (torchrun), splits
     the data between them but does not wrap the model in DDP unless --use_cpu is given: the processes would
     train apart while looking fine."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    accelerator = getattr(torch, "accelerator", None)
-    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    if world > 1 and not has_accelerator and not training_args.deepspeed and not training_args.use_cpu:
+    if world > 1 and not has_accelerator() and not training_args.deepspeed and not training_args.use_cpu:
         raise UserError(f"{world} processes without a GPU: pass --use_cpu True so that they train one model "
                         "together (DDP over gloo); without it transformers splits the data but each process "
                         "trains its own copy")
@@ -409,22 +426,48 @@ class LlavaSculptTrainer(transformers.Trainer):
             logs.update(self.method.logs())
         super().log(logs, *args, **kwargs)
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """A method without LoRA under DeepSpeed: gather only its trained tensors (the Trainer would gather the
+        whole model under ZeRO-3, frozen weights included); every process takes part."""
+        if self.method.uses_lora or not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from llava_sculpt.methods.zero import gathered
+
+        trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        with gathered(list(trained.values())):
+            state_dict = {n: p.detach().cpu().clone() for n, p in trained.items()}
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+
     def _save(self, output_dir=None, state_dict=None):
         """Every save (checkpoint-N and the final one) is self-contained: adapter + projector + method state
         + processor + run arguments.  Under ZeRO-3 `state_dict` is the gathered one, so saved values are the
-        trained ones."""
+        trained ones.  A method without LoRA saves its trained tensors only (partial_model.safetensors)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super()._save(output_dir, state_dict=state_dict)
+        if self.method.uses_lora:
+            super()._save(output_dir, state_dict=state_dict)
+        method_state = self.method.state_dict()  # on every process: a method may gather its state from the ranks
         if not self.args.should_save:
             return
+        if not self.method.uses_lora:
+            os.makedirs(output_dir, exist_ok=True)
+            source = state_dict if state_dict else dict(self.model.named_parameters())
+            trained = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            save_partial_model({n: source[n] for n in trained}, output_dir, self.run.model_args.model_name_or_path,
+                               self.method.name)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
         if self.method.trains_projector and not self.args.freeze_mm_mlp_adapter:
             source = state_dict if state_dict else find_projector(self.model).state_dict()
             projector = _projector_keys(source) if state_dict else dict(source)
             save_projector(projector, output_dir)
-        save_method_state(self.method, output_dir)
+        save_method_state(self.method, output_dir, method_state)
         write_run_args(self.run, self.method, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.method.uses_lora:
+            load_partial_model(model if model is not None else self.model, resume_from_checkpoint)
+            return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_projector(model if model is not None else self.model, resume_from_checkpoint)
 
@@ -432,10 +475,10 @@ class LlavaSculptTrainer(transformers.Trainer):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def save_method_state(method, output_dir: str) -> None:
+def save_method_state(method, output_dir: str, state: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    state = method.state_dict()
+    state = method.state_dict() if state is None else state
     if state:
         path = os.path.join(output_dir, METHOD_STATE_FILE)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path + ".tmp")
@@ -461,17 +504,98 @@ def _jsonable(obj):
     return str(obj)
 
 
-def write_run_args(run: RunContext, method, output_dir: str) -> None:
-    record = {
+def run_args_record(model_args, data_args, training_args, method) -> dict:
+    """What run_args.json holds: every argument of the run, and the package versions."""
+    return {
         "method": method.name,
         "method_flags": _jsonable(method.flags) if method.flags is not None else {},
-        "model_args": _jsonable(run.model_args),
-        "data_args": _jsonable(run.data_args),
-        "training_args": _jsonable(run.training_args.to_dict()),
+        "model_args": _jsonable(model_args),
+        "data_args": _jsonable(data_args),
+        "training_args": _jsonable(training_args.to_dict()),
         "versions": {"llava_sculpt": __import__("llava_sculpt").__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": __import__("peft").__version__},
     }
+
+
+def write_run_args(run: RunContext, method, output_dir: str) -> None:
+    record = run_args_record(run.model_args, run.data_args, run.training_args, method)
     write_json_atomic(os.path.join(output_dir, RUN_ARGS_FILE), record)
+
+
+# TrainingArguments that do not change what is trained (logging, saving, reporting, data loading, evaluation,
+# launch details): a finished run asked for again with other values of these is still the same run.
+HOUSEKEEPING_ARGS = frozenset({
+    "output_dir", "logging_dir", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "report_to", "disable_tqdm", "log_level", "log_level_replica", "log_on_each_node",
+    "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+    "include_num_input_tokens_seen", "skip_memory_metrics", "debug", "save_strategy", "save_steps",
+    "save_total_limit", "save_on_each_node", "save_only_model", "enable_jit_checkpoint", "push_to_hub",
+    "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+    "resume_from_checkpoint", "local_rank", "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "prediction_loss_only",
+    "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
+    "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval",
+    "do_predict", "torch_empty_cache_steps",
+})
+
+
+# transformers 5 mirrors --gradient_checkpointing(_kwargs), the name LLaVA users pass, into these
+_MIRRORS = frozenset({"activation_checkpointing", "activation_checkpointing_kwargs"})
+
+
+def run_args_differences(recorded: dict, current: dict) -> list[str]:
+    """'--flag (A in the finished run, B now)' for each argument whose value differs, among the arguments
+    both records hold (a run from an older version lacks newer flags), housekeeping ones left out."""
+    def show(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    current = json.loads(json.dumps(current))  # the JSON form run_args.json has (tuples -> lists, ...)
+    if recorded.get("method") != current["method"]:
+        return [f"--method ({show(recorded.get('method'))} in the finished run, {show(current['method'])} now)"]
+    differences = []
+    for section in ("model_args", "data_args", "training_args", "method_flags"):
+        old = recorded.get(section) if isinstance(recorded.get(section), dict) else {}
+        for key, value in (current.get(section) or {}).items():
+            if key in old and key not in HOUSEKEEPING_ARGS and key not in _MIRRORS and old[key] != value:
+                differences.append(f"--{key} ({show(old[key])} in the finished run, {show(value)} now)")
+    return differences
+
+
+def check_finished_run(model_args, data_args, training_args, method) -> bool:
+    """True when --output_dir already holds a finished run (training_complete.json) of these arguments: the
+    caller stops there, having printed so and written nothing.  A finished run of other arguments is a
+    UserError naming the flags that differ."""
+    output_dir = training_args.output_dir
+    if not os.path.isfile(os.path.join(output_dir, COMPLETE_FILE)):
+        return False
+    try:
+        with open(os.path.join(output_dir, RUN_ARGS_FILE), encoding="utf-8") as f:
+            recorded = json.load(f)
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is not None:
+        differences = run_args_differences(recorded, run_args_record(model_args, data_args, training_args, method))
+        if differences:
+            shown = differences[:8] + ([f"and {len(differences) - 8} more"] if len(differences) > 8 else [])
+            extend = (f" (to continue from the finished adapter, add --lora_weight_path {output_dir})"
+                      if getattr(method, "uses_lora", True) else "")
+            raise UserError(f"--output_dir {output_dir} holds a finished run (training_complete.json) trained with "
+                            f"other arguments: {'; '.join(shown)}. Pass a new --output_dir for this run{extend}, "
+                            f"or delete {output_dir} to train it again there.")
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        try:
+            with open(os.path.join(output_dir, COMPLETE_FILE), encoding="utf-8") as f:
+                step = json.load(f).get("global_step")
+        except (OSError, ValueError, AttributeError):
+            step = None
+        same = "the same arguments" if recorded is not None else f"no readable {RUN_ARGS_FILE} to compare with"
+        print(f"{output_dir}: training is already complete{f' ({step} steps)' if step is not None else ''}, with "
+              f"{same}; nothing to do. To train again, pass a new --output_dir.")
+    return True
 
 
 def compute_dtype(training_args) -> torch.dtype:
@@ -485,6 +609,8 @@ def build_model(model_args, training_args, method, run: RunContext):
     # trainable parameters in fp32 (autocast does the rest).  DeepSpeed keeps its own fp32 copies.
     model = load_base_model(model_args.model_name_or_path, dtype, model_args.attn_implementation, training_args.bits)
     model.config.use_cache = False
+    if getattr(model.config, "text_config", None) is not None:  # the language model reads its own config
+        model.config.text_config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
     if training_args.bits in (4, 8):
@@ -546,7 +672,8 @@ def resolve_resume(training_args) -> str | None:
 def finalise(trainer, run: RunContext, method, output_dir: str) -> None:
     """Write the final adapter/projector/state into output_dir atomically-enough: everything goes to a
     temporary folder first and is moved in file by file; `training_complete.json` is written last, so a
-    run directory without it never looks finished."""
+    run directory without it never looks finished.  A post-training transform (DARE, Model Tailor: RUN_DIR/merged)
+    runs after that, on the saved run."""
     tmp = os.path.join(output_dir, ".final-tmp")
     if trainer.args.should_save and os.path.isdir(tmp):
         shutil.rmtree(tmp)
@@ -575,6 +702,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--model_name_or_path is required (a local Hugging Face LLaVA-1.5 checkpoint)")
     if not data_args.data_path:
         raise UserError("--data_path is required (LLaVA training JSON)")
+    if training_args.deepspeed:
+        from llava_sculpt import quiet
+
+        quiet.keep_deepspeed_notices()
+    if check_finished_run(model_args, data_args, training_args, method):
+        return 0
     check_hf_llava_dir(model_args.model_name_or_path, "--model_name_or_path")
     processor = load_processor(model_args.model_name_or_path)
     from transformers import AutoConfig

@@ -10,8 +10,11 @@ from llava_sculpt.methods.l2reg import L2Method
 from llava_sculpt.methods.orth import OrthMethod
 from llava_sculpt.methods.dare import DAREMethod
 from llava_sculpt.methods.tailor import TailorMethod
+from llava_sculpt.methods.spider import SpiderMethod
+from llava_sculpt.methods.magnitude_mask import MagnitudeMaskMethod
 
-METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod, DoRAMethod, L2Method, OrthMethod, DAREMethod, TailorMethod)}
+METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod, DoRAMethod, L2Method, OrthMethod, DAREMethod, TailorMethod,
+                                                      SpiderMethod, MagnitudeMaskMethod)}
 
 
 def get_method_class(name: str) -> type[FineTuningMethod]:

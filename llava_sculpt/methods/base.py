@@ -8,6 +8,7 @@ A method is a plain class with a flags dataclass.  The trainer calls, in this or
     after_optimizer_step(model, step, run)  after every optimizer step; `step` = completed optimizer steps
     logs() -> dict[str, float]              extra values for the next logged line (e.g. averages since the last)
     state_dict() / load_state_dict(d)       tensors saved in every checkpoint as `method_state.safetensors`
+                                            (state_dict runs on every process, so it may gather across ranks)
     post_training(run_dir, model, run)      after training, on the main process (e.g. reports, transforms)
 
 `run` is a `RunContext`: the parsed flags and, during training, the trainer and optimizer.  Methods never
@@ -42,6 +43,9 @@ class FineTuningMethod:
     name: ClassVar[str] = "base"
     flags_class: ClassVar[type | None] = None  # a dataclass of this method's command-line flags
     trains_projector: ClassVar[bool] = True  # projector fully trained at --mm_projector_lr (LLaVA-1.5)
+    # False: no PEFT adapter; `inject` makes some of the model's own tensors trainable and a run saves only those
+    # (partial_model.safetensors, see model/load.py)
+    uses_lora: ClassVar[bool] = True
 
     def __init__(self, flags=None):
         self.flags = flags

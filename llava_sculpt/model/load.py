@@ -9,6 +9,12 @@ A training run directory (and every `checkpoint-N` inside it) holds:
 `load_for_inference` rebuilds base + trained projector + adapter from it without merging, or loads a
 merged / plain HF checkpoint directly.  Run directories written before the projector travelled inside the
 adapter (no `modules_to_save`) still load: their projector comes from mm_projector.safetensors.
+
+Methods without LoRA (`uses_lora = False`: --method spider, magnitude_mask) train some of the model's own
+tensors; their runs hold, instead of the adapter files,
+    partial_model.safetensors   the trained tensors only, keys as in the model's state_dict
+    partial_model.json          {"base_model_name_or_path": absolute path, "method", "tensors": [keys]}
+and load as the base checkpoint with those tensors replaced (`load_partial_model`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from llava_sculpt.errors import UserError
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PARTIAL_WEIGHTS = "partial_model.safetensors"
+PARTIAL_CONFIG = "partial_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,12 +157,67 @@ def load_projector(model, run_dir: str) -> bool:
     return True
 
 
+def save_partial_model(tensors: dict[str, torch.Tensor], out_dir: str, model_base: str, method: str) -> None:
+    """Write the trained tensors of a run without LoRA and the base they replace tensors of."""
+    from safetensors.torch import save_file
+
+    from llava_sculpt.atomic import write_json_atomic
+
+    path = os.path.join(out_dir, PARTIAL_WEIGHTS)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(out_dir, PARTIAL_CONFIG),
+                      {"base_model_name_or_path": os.path.abspath(model_base), "method": method,
+                       "tensors": sorted(tensors)})
+
+
+def partial_model_base(run_dir: str) -> str:
+    """The base checkpoint recorded in a run without LoRA (partial_model.json)."""
+    try:
+        with open(os.path.join(run_dir, PARTIAL_CONFIG)) as f:
+            return json.load(f)["base_model_name_or_path"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{run_dir}: cannot read {PARTIAL_CONFIG} ({err})") from None
+
+
+def load_partial_model(model, run_dir: str) -> None:
+    """Copy the trained tensors of `run_dir` (partial_model.safetensors) into `model`, converting the dtype."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(run_dir, PARTIAL_WEIGHTS)
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: no {PARTIAL_WEIGHTS} (the trained tensors of a run without LoRA)")
+    state = load_file(path)
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise UserError(f"{path}: tensors the model does not have (e.g. {unknown[:2]}); load it on the base it was "
+                        "trained from")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
 def load_for_inference(model_path: str, model_base: str | None = None, dtype: torch.dtype = torch.float32,
                        attn_implementation: str = "sdpa"):
     """(model, processor) for generation.  `model_path` is a run/checkpoint directory with a PEFT adapter
-    (base from `model_base`, else the adapter's recorded base), or a plain/merged HF checkpoint."""
+    (base from `model_base`, else the adapter's recorded base), a run without LoRA (partial_model.json: the
+    base with the trained tensors replaced), or a plain/merged HF checkpoint."""
     from peft import PeftModel
 
+    if os.path.isfile(os.path.join(model_path, PARTIAL_CONFIG)):
+        if model_base is None:
+            model_base = partial_model_base(model_path)
+            if not os.path.isdir(model_base):
+                raise UserError(f"--model-path {model_path} holds only the trained tensors; pass the base checkpoint "
+                                f"with --model-base (the run records {model_base!r}, which is not a local folder)")
+        model = load_base_model(model_base, dtype, attn_implementation, flag="--model-base")
+        load_partial_model(model, model_path)
+        processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
+        return model.eval(), load_processor(processor_dir)
     is_adapter = os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG))
     if not is_adapter:
         model = load_base_model(model_path, dtype, attn_implementation, flag="--model-path")
