@@ -691,9 +691,7 @@ def finalise(trainer, run: RunContext, method, output_dir: str) -> None:
                        "final_logged_loss": losses[-1] if losses else None})
     # DARE / Model Tailor transform the saved run only now, after freeing the training state
     # (methods/posthoc.py): a failure there leaves the trained run complete.
-    transform_saved_run = getattr(method, "transform_saved_run", None)
-    if transform_saved_run is not None:
-        transform_saved_run(output_dir, run)
+    method.transform_saved_run(output_dir, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,8 +224,8 @@ def test_dare_method_writes_loadable_merged_model(dare_run, tiny_dir, tmp_path):
 
 
 def test_hessian_matches_inputs_captured_independently(dare_run, tiny_dir):
+    from llava_sculpt.methods.posthoc import load_run, lora_layers
     from llava_sculpt.methods.tailor import CalibrationData, calibration_samples, decoder_layer_groups
-    from llava_sculpt.transform import load_run, lora_layers
 
     loaded = load_run(str(dare_run), str(tiny_dir / "model"))
     data = CalibrationData.from_run_dir(str(dare_run))
@@ -246,8 +246,20 @@ def test_hessian_matches_inputs_captured_independently(dare_run, tiny_dir):
     assert torch.allclose(hessians[name], expected, rtol=1e-10, atol=1e-10)
     # the cut-short pass used per decoder layer gives the same Hessian
     groups = decoder_layer_groups(loaded.model, list(layers.items()))
-    stop = next(module for module, items in groups if name in dict(items))
-    assert torch.equal(collect_hessians(loaded.model, {name: layers[name]}, samples, stop)[name], hessians[name])
+    group = next(g for g in groups if name in dict(g.items))
+    assert group.index == 1 and [g.index for g in groups] == [0, 1]
+    assert torch.equal(collect_hessians(loaded.model, {name: layers[name]}, samples, group.module)[name],
+                       hessians[name])
+    # the whole decoder layer at once: q/k/v_proj (and gate/up_proj) read the same input and share one tensor,
+    # equal to the Hessian of q_proj's inputs captured on their own
+    together = collect_hessians(loaded.model, dict(group.items), samples, group.module)
+    short = {n.rsplit(".", 1)[-1]: h for n, h in together.items()}
+    assert short["q_proj"] is short["k_proj"] is short["v_proj"] and short["gate_proj"] is short["up_proj"]
+    assert short["o_proj"] is not short["q_proj"] and short["down_proj"] is not short["up_proj"]
+    assert torch.equal(short["down_proj"], hessians[name])
+    q_name = next(n for n in dict(group.items) if n.endswith("q_proj"))
+    assert torch.allclose(short["q_proj"], collect_hessians(loaded.model, {q_name: layers[q_name]}, samples)[q_name],
+                          rtol=1e-12, atol=1e-12)
 
 
 def test_tailor_method_writes_loadable_merged_model(tiny_dir, tmp_path):
@@ -266,6 +278,37 @@ def test_tailor_method_writes_loadable_merged_model(tiny_dir, tmp_path):
     assert all(torch.equal(base[k], merged[k]) for k in base if k not in deltas)  # projector reset too
     info = json.loads((out / "merged" / "transform.json").read_text())
     assert info["num_samples"] == 6 and info["transform"] == "tailor" and info["flags"]["tailor_keep"] == 0.1
+
+
+def test_tailor_official_transform_on_a_lora_run(dare_run, tiny_dir, tmp_path):
+    """`transform tailor --tailor_compat official --tailor_first_layer 1`: decoder layer 0 keeps W0 + s B A;
+    in layer 1 each weight (in <= 128: one block) keeps n - int(0.9 n) - 1 of its n entries, chosen jointly
+    over the rows; the projector's weights are reset, its biases stay fine-tuned (main_model_tailor.py)."""
+    from llava_sculpt.transform import main as transform_main
+
+    out = tmp_path / "official"
+    assert transform_main(["tailor", "--model-path", str(dare_run), "--output-dir", str(out), "--device", "cpu",
+                           "--tailor_compat", "official", "--tailor-first-layer", "1", "--tailor_samples", "4"]) == 0
+    base, merged = _base_and_merged(tiny_dir, out)
+    deltas = _adapter_deltas(dare_run)
+    uneven = False
+    for key, delta in deltas.items():
+        if ".layers.0." in key:
+            assert torch.allclose(merged[key], base[key] + delta, atol=1e-6), key
+            continue
+        changed = merged[key] != base[key]  # reset entries are W0 bit for bit
+        n = changed.numel()
+        assert int(changed.sum()) == n - int(n * 0.9) - 1, key
+        uneven |= len(set(changed.sum(1).tolist())) > 1
+    assert uneven  # rows keep different numbers of entries
+    trained = load_safetensors(dare_run / "mm_projector.safetensors")
+    for name in trained:
+        key = "model.multi_modal_projector." + name
+        expected = base[key] if name.endswith("weight") else trained[name]
+        assert torch.equal(merged[key], expected), key
+    info = json.loads((out / "transform.json").read_text())
+    assert info["flags"]["tailor_compat"] == "official" and info["flags"]["tailor_first_layer"] == 1
+    assert info["dtype"] == "float32"  # auto: the run was trained without --bf16/--fp16
 
 
 def test_calibration_samples_capped_by_dataset_size():

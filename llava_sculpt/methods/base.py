@@ -9,7 +9,9 @@ A method is a plain class with a flags dataclass.  The trainer calls, in this or
     logs() -> dict[str, float]              extra values for the next logged line (e.g. averages since the last)
     state_dict() / load_state_dict(d)       tensors saved in every checkpoint as `method_state.safetensors`
                                             (state_dict runs on every process, so it may gather across ranks)
-    post_training(run_dir, model, run)      after training, on the main process (e.g. reports, transforms)
+    post_training(run_dir, model, run)      after training, on the main process (e.g. reports)
+    transform_saved_run(run_dir, run)       after the run is saved and marked complete and the training state
+                                            is freed, on the main process (DARE, Model Tailor: RUN_DIR/merged)
 
 `run` is a `RunContext`: the parsed flags and, during training, the trainer and optimizer.  Methods never
 touch the training loop itself.
@@ -72,4 +74,7 @@ class FineTuningMethod:
         pass
 
     def post_training(self, run_dir: str, model, run: RunContext) -> None:
+        pass
+
+    def transform_saved_run(self, run_dir: str, run: RunContext) -> None:
         pass

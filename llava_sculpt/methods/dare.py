@@ -11,8 +11,11 @@ and the fully trained projector's delta (trained - pretrained, weights and biase
 The rescaling keeps E[DARE(delta)] = delta.  The LoRASculpt paper does not state p; we default to 0.9, the
 drop rate of the DARE paper's examples (`--dare_p`).  The drop indicators come from one
 `torch.Generator(seed=--dare_seed)` consumed layer by layer in module order (language-model layers, then the
-projector's tensors in name order), so a (run, p, seed) triple always gives the same model; deltas are
-materialised one layer at a time.
+projector's tensors in name order), so a (run, p, seed) triple always gives the same model.
+
+Memory: after training the run is reloaded from RUN_DIR once the training state is freed (see
+`methods/posthoc.py`), in the run's compute dtype (`--bf16` -> bfloat16); each delta is materialised in float32
+one layer at a time and added in place, so the only extra memory is a few float32 copies of one layer.
 
 Output: a merged Hugging Face checkpoint in RUN_DIR/merged (plain `LlavaForConditionalGeneration`, processor
 included, written atomically).  EVALUATE RUN_DIR/merged: RUN_DIR itself still holds the untransformed LoRA
@@ -20,14 +23,15 @@ adapter.  For an existing LoRA run: `llava-sculpt transform dare --model-path RU
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import RunContext
-from llava_sculpt.methods.lora import LoRAMethod
+from llava_sculpt.methods.posthoc import (LoadedRun, PostHocMethod, load_run, lora_delta, lora_layers, resolve_device,
+                                          resolve_dtype, save_merged, transform_info)
+from llava_sculpt.model.load import find_projector
 
 
 @dataclass
@@ -54,12 +58,10 @@ def dare_drop(delta: torch.Tensor, p: float, generator: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def dare_merge_(loaded, flags: DAREFlags) -> dict:
-    """In place on `loaded.model` (a PeftModel): W0 <- W0 + DARE(s B A) per layer, projector <- P0 +
-    DARE(P - P0); returns the plain model (adapter removed) and drop statistics."""
-    from llava_sculpt.model.load import find_projector
-    from llava_sculpt.transform import lora_delta, lora_layers
-
+def dare_merge_(loaded: LoadedRun, flags: DAREFlags) -> dict:
+    """In place on `loaded.model` (a PeftModel), one layer at a time: W0 <- W0 + DARE(s B A) (DARE Eq. 2,
+    computed in float32, stored in the model's dtype), projector <- P0 + DARE(P - P0); returns the plain model
+    (adapter removed) and drop statistics.  Extra memory: a few float32 copies of the largest layer."""
     generator = torch.Generator(device="cpu").manual_seed(flags.dare_seed)
     dropped = total = 0
     for _, layer in lora_layers(loaded.model):
@@ -67,6 +69,7 @@ def dare_merge_(loaded, flags: DAREFlags) -> dict:
         new_delta = dare_drop(lora_delta(layer).to(weight.device), flags.dare_p, generator)
         weight.copy_((weight.to(new_delta.dtype) + new_delta).to(weight.dtype))
         dropped, total = dropped + int((new_delta == 0).sum()), total + new_delta.numel()
+        del new_delta
     projector = find_projector(loaded.model).state_dict()
     for key in sorted(loaded.base_projector):
         base = loaded.base_projector[key].to(projector[key].device, torch.float32)
@@ -77,36 +80,31 @@ def dare_merge_(loaded, flags: DAREFlags) -> dict:
 
 
 def apply_dare(model_path: str, output_dir: str, model_base: str | None = None, flags: DAREFlags | None = None,
-               dtype: torch.dtype = torch.float32, device: str = "auto") -> str:
-    """Load the LoRA run at `model_path`, apply DARE, write the merged checkpoint to `output_dir`."""
-    from llava_sculpt.transform import load_run, resolve_device, save_merged
-
+               dtype: torch.dtype | str = "auto", device: str = "auto") -> str:
+    """Load the LoRA run at `model_path` (in `dtype`; `auto`: the run's compute dtype), apply DARE, write the
+    merged checkpoint to `output_dir` atomically."""
     flags = flags or DAREFlags()
     flags.validate()
+    dtype = resolve_dtype(dtype, model_path, model_base)
     loaded = load_run(model_path, model_base, dtype, resolve_device(device))
     result = dare_merge_(loaded, flags)
-    info = {"transform": "dare", "flags": vars(flags), "source_run": os.path.abspath(model_path),
-            "model_base": loaded.model_base, "dtype": str(dtype).replace("torch.", ""),
-            "zero_fraction_lm": result["zero_fraction_lm"]}
+    info = transform_info("dare", flags, model_path, loaded, dtype, zero_fraction_lm=result["zero_fraction_lm"])
     return save_merged(result["model"], loaded.processor, output_dir, info)
 
 
-class DAREMethod(LoRAMethod):
+class DAREMethod(PostHocMethod):
     """`--method dare`: trains plain LoRA, then writes RUN_DIR/merged = W0 + DARE(deltas).  Evaluate
     RUN_DIR/merged."""
 
     name = "dare"
+    transform_name = "dare"
     flags_class = DAREFlags
 
     def __init__(self, flags: DAREFlags | None = None):
         super().__init__(flags or DAREFlags())
         self.flags.validate()  # fail before training, not after
 
-    def post_training(self, run_dir: str, model, run: RunContext) -> None:
-        # The run is reloaded from what was just saved in run_dir (gathered weights, also under ZeRO-3), so
-        # this is bit-for-bit what `llava-sculpt transform dare --model-path RUN_DIR` produces.
-        from llava_sculpt.transform import MERGED_SUBDIR
-
-        out = apply_dare(run_dir, os.path.join(run_dir, MERGED_SUBDIR), run.model_args.model_name_or_path,
-                         self.flags)
-        print(f"dare: merged checkpoint (evaluate this one) written to {out}")
+    def apply(self, run_dir: str, output_dir: str, run: RunContext, dtype: torch.dtype) -> str:
+        # Reloaded from what was just saved in run_dir (gathered weights, also under ZeRO-3), after the training
+        # state was freed, so this is bit-for-bit what `llava-sculpt transform dare --model-path RUN_DIR` gives.
+        return apply_dare(run_dir, output_dir, run.model_args.model_name_or_path, self.flags, dtype)

@@ -5,72 +5,121 @@ Training is plain LoRA (exactly `--method lora`).  After training, for every ada
 (W [out, in], W_ft = W0 + s B A, s = alpha / r):
 
 1. Hessian of the layer's reconstruction loss from its inputs x [in] on N calibration samples drawn from the
-   target training data (seeded), captured through the FINE-TUNED model (forward pre-hooks on the adapted
-   layers, one decoder layer per pass, each sample alone so there is no padding):
-       H = (2 / N) * sum_{samples} sum_{tokens} x x^T          N = min(--tailor_samples, len(dataset))
+   target training data (seeded), captured with forward pre-hooks on the adapted layers, one decoder layer
+   per (cut-short) pass, each sample alone so there is no padding:
+       H = (2 / N) * sum_{samples} sum_{tokens} x x^T          N = min(--tailor_samples, len(dataset))   (T1)
    damped: H_d = H + lambda I, lambda = --tailor_damp (0.01) * mean(diag H) (lambda = 1 if H is all zero).
-   U = upper Cholesky factor of H_d^{-1}  (U^T U = H_d^{-1}).
-2. salience_ij    = |W_ft - W0|_ij
-   sensitivity_ij = [W_ft]_ij^2 / U_jj^2                      (OBS/SparseGPT saliency of weight ij)
-3. Per block of --tailor_block (128) input columns and per output row ("block-row"):
-       score = 0.8 z(salience) + 0.2 z(sensitivity),    z(v) = (v - mean(v)) / std(v) over the block-row,
-   std with 1/n (population); z = 0 for a block-row whose std is 0 (all values equal: no preference).
-   Keep exactly k = max(1, floor(cols * keep)) entries per block-row (cols = the block's width, the last
-   block may be narrower; k <= cols), the k highest scores; ties broken by the lower column index.
-4. Kept entries start at W_ft, every other entry is reset to W0.  The kept ones are then compensated
-   OBS-style, column by column (SparseGPT's procedure with the fixed mask from step 3):
+   U = upper Cholesky factor of H_d^{-1}  (U^T U = H_d^{-1}).                                          (T2)
+2. salience_ij    = |W_ft - W0|_ij                                                                    (T3)
+   sensitivity_ij = [W]_ij^2 / U_jj^2                      (OBS/SparseGPT saliency of weight ij)       (T4)
+3. Per block of --tailor_block (128) input columns:
+       score = 0.8 z(salience) + 0.2 z(sensitivity),    z(v) = (v - mean(v)) / std(v) along each row     (T5)
+   and a kept set chosen from the scores (below).
+4. Kept entries start at W_ft, every other entry is reset to W0.  Then, column by column (SparseGPT's
+   procedure, lazily batched per block, identical maths):
        for j = 0 .. in-1:   q_j = w_j if kept else W0_j;   err = (w_j - q_j) / U_jj;
-                            w_{j+1:} -= err * U_{j, j+1:};  w_j = q_j
-   (lazily batched per block, identical maths).  As in SparseGPT the update reaches every later column, so
-   a later reset entry's err is measured from its updated value; once column j is done it is never touched
-   again, and at the end every reset entry is set to W0 again, so it equals W0 bit-exactly; kept entries
-   carry W_ft + compensation.  The mask is chosen once, from W_ft, before any compensation.
-   Caveat: with a fixed mask this greedy column order is not the least-squares optimum for that mask
-   (min over kept entries of (w - w_ft)^T H (w - w_ft)); on random problems it usually, not always, lowers
-   the reconstruction error against plain keep/reset.
+                            w_{j+1:} -= err * U_{j, j+1:};  w_j = q_j                                 (T6)
+   A later reset entry's err is measured from its updated value; once column j is done it is never touched
+   again, and reset entries end exactly at W0 (bit-exact); kept entries carry W_ft + compensation.
 5. The projector is reset to its pretrained weights.
 
-Sign of the compensation.  The target is the fine-tuned layer's output on the target data: per output row,
-minimise E(w) = (w - w_ft)^T H (w - w_ft).  Forcing column j to q_j is the change d_j = q_j - w_j; with the
-earlier columns frozen, the optimal change of the later columns F is  d_F = -H_FF^{-1} H_Fj d_j
-= d_j * U_jF / U_jj  (SparseGPT, Frantar & Alistarh 2023, Sec. 3; row j of the Cholesky factor of the
-inverse Hessian holds exactly this ratio).  Hence w_F <- w_F + (q_j - w_j) U_jF / U_jj = w_F - err * U_jF
-with err = (w_j - q_j) / U_jj: subtract.  The later weights move so as to cancel, through the correlation
-of the inputs, the output change caused by pulling w_j back to W0; with the opposite sign they would add to
-it (tests/test_dare_tailor.py checks the result against a direct least-squares reference and that the
-reconstruction error drops).
+Two versions, `--tailor_compat`:
+
+correct (default).  The choices below are the ones whose maths holds:
+  * T6 subtracts.  The target is the fine-tuned layer's output on the target data: per output row, minimise
+    E(w) = (w - w_ft)^T H (w - w_ft).  Forcing column j to q_j is the change d_j = q_j - w_j; with the earlier
+    columns frozen, the optimal change of the later columns F is  d_F = -H_FF^{-1} H_Fj d_j = d_j * U_jF / U_jj
+    (SparseGPT, Frantar & Alistarh 2023, Sec. 3; row j of the Cholesky factor of the inverse Hessian holds
+    exactly this ratio).  Hence w_F <- w_F + (q_j - w_j) U_jF / U_jj = w_F - err * U_jF.  With the opposite
+    sign the later weights add to the output change instead of cancelling it.
+  * The kept set is chosen per block-row: keep exactly k = max(1, floor(cols * keep)) entries of every row of
+    the block (cols = the block's width, the last block may be narrower), the k highest scores, ties broken by
+    the lower column index.  E(w) separates over output rows and z (T5) is normalised per row, so scores of
+    different rows have no common scale; a per-row budget keeps them apart.
+  * The mask is chosen once, from W_ft (T4 with W = W_ft), before any compensation: the kept set is a property
+    of the fine-tuned model, salience and sensitivity of the same weights.
+  * std with 1/n (population); z = 0 for a block-row whose std is 0 (all values equal: no preference).
+  * Hessians are taken through the unmodified fine-tuned model: layers are processed from the last decoder
+    layer to the first, each written in place once done (a later layer never feeds an earlier one's inputs).
+  Caveat: with a fixed mask this greedy column order is not the least-squares optimum for that mask; on
+  random problems it usually, not always, lowers the reconstruction error against plain keep/reset.
+
+official.  What the authors' release does (github didizhu-zju/Model-Tailor: main_model_tailor.py calls
+llava/train/sparsegpt.py `SparseGPT.fasterprune(0.9, blocksize=128, percdamp=0.01)`; line numbers of
+llava/train/sparsegpt.py at commit e69bf76).  It is the code behind the paper's numbers, so
+scripts/reproduce_table1.sh uses it:
+  O1 T6 ADDS: err = (w - q) / U_ii (l. 158), W1[:, i:] += err U_{i, i:} (l. 160) and the lazy update
+     W[:, i2:] += Err U[i1:i2, i2:] (l. 169); the commented-out `W[:, i2:] -= ...` of l. 168 is SparseGPT's.
+  O2 The reset set is chosen per block jointly over all rows: thresh = sort(score of all rows x cols of the
+     block)[int(n * (1 - keep))] and reset = score <= thresh (l. 124-125), i.e. int(n (1 - keep)) + 1 entries
+     of the block are reset (more on ties) and rows keep different numbers of entries.
+  O3 The sensitivity of a block is taken from the weights as compensated by the blocks before it
+     (W1 = W[:, i1:i2].clone(), l. 103, after the lazy updates of l. 169; T4 at l. 114), the salience from the
+     uncompensated W_ft (l. 89).  The mask of a block is fixed at its start (no update inside the block).
+  O4 std is torch's default, unbiased (1/(n-1), l. 116 and 118), with no guard: a row whose values are all
+     equal gives NaN/inf z; NaN scores sort last and are never reset (torch.sort / `<=` semantics, kept here).
+     Within a block every row has the same n, so 1/(n-1) vs 1/n scales every z of the block by the same
+     sqrt(n/(n-1)): the mask is the same either way (only the score values differ).
+  Also: input columns never seen (diag(H)_j = 0) get H_jj = 1 before damping (l. 73-74), then lambda =
+  0.01 * mean(diag H) (l. 79), no fallback; main_model_tailor.py resets the projector's linear WEIGHTS (not
+  biases) to the pretrained ones before calibrating, and tailors the decoder layers in order, each layer's
+  Hessians taken through the already tailored earlier layers (SparseGPT's sequential scheme).
+  Not reproduced: float32 arithmetic (float64 here, both modes); calibration batches of the shuffled training
+  loader with padding (one sample per pass here); the release's Hessian passes call each decoder layer on its
+  own, without attention mask / position ids (the full model's forward here).  The
+  release tailors only decoder layers 20-31 of the 32 (hard-coded `layers[20]`, `range(20, len(layers))`):
+  --tailor_first_layer 20 does that (layers below keep W0 + s B A); the default 0 tailors every layer.
 
 Output: a merged Hugging Face checkpoint in RUN_DIR/merged (plain `LlavaForConditionalGeneration`, processor
 included, written atomically).  EVALUATE RUN_DIR/merged: RUN_DIR itself still holds the untransformed LoRA
 adapter.  For an existing LoRA run: `llava-sculpt transform tailor --model-path RUN_DIR --output-dir OUT`.
+Memory: the run is reloaded from RUN_DIR after the training state is freed, in the run's compute dtype
+(see `methods/posthoc.py`); new weights are written in place, so beyond the model there are only one
+decoder layer's float64 Hessians and one layer's float64 working copies.
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from llava_sculpt.data.conversation import get_template
+from llava_sculpt.data.dataset import LlavaSupervisedDataset
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import RunContext
-from llava_sculpt.methods.lora import LoRAMethod
+from llava_sculpt.methods.posthoc import (LoadedRun, PostHocMethod, load_run, lora_delta, lora_layers, read_run_args,
+                                          replace_adapted_weight, resolve_device, resolve_dtype, save_merged,
+                                          set_projector, transform_info)
+from llava_sculpt.model.load import find_projector
 
-SALIENCE_WEIGHT, SENSITIVITY_WEIGHT = 0.8, 0.2
+SALIENCE_WEIGHT, SENSITIVITY_WEIGHT = 0.8, 0.2  # T5; llava/train/sparsegpt.py l. 121 (llava/sparsegpt.py: 0.5/0.5)
+COMPAT_MODES = ("correct", "official")
 
 
 @dataclass
 class TailorFlags:
     tailor_keep: float = field(default=0.1, metadata={"help": "Model Tailor: fraction of fine-tuned entries kept "
-                               "per block-row (k = max(1, floor(block_cols * keep)))"})
+                               "(correct: k = max(1, floor(block_cols * keep)) per block-row; official: per "
+                               "block, int(n * (1 - keep)) + 1 of its n entries reset)"})
     tailor_samples: int = field(default=128, metadata={"help": "Model Tailor: calibration samples drawn from the "
                                 "training data for the Hessian (fewer if the data set is smaller)"})
     tailor_block: int = field(default=128, metadata={"help": "Model Tailor: width (input columns) of a block"})
     tailor_damp: float = field(default=0.01, metadata={"help": "Model Tailor: Hessian damping, fraction of "
                                "mean(diag H) added to the diagonal"})
     tailor_seed: int = field(default=0, metadata={"help": "Model Tailor: seed choosing the calibration samples"})
+    tailor_compat: str = field(default="correct", metadata={
+        "choices": list(COMPAT_MODES),
+        "help": "Model Tailor: 'correct' (compensation subtracted as in SparseGPT, k kept per block-row, mask "
+                "from W_ft, Hessians through the fine-tuned model) or 'official' (the authors' release: "
+                "compensation added, reset set chosen jointly per block, sensitivity from the compensated "
+                "weights, unbiased std, sequential Hessians, projector weights reset but not biases); "
+                "see llava_sculpt/methods/tailor.py"})
+    tailor_first_layer: int = field(default=0, metadata={"help": "Model Tailor: decoder layers below this index "
+                                    "are not tailored and keep W0 + s B A (the official release hard-codes 20 "
+                                    "for LLaVA-7B's 32 layers)"})
 
     def validate(self) -> None:
         if not 0 < self.tailor_keep <= 1:
@@ -80,9 +129,13 @@ class TailorFlags:
                             "both must be positive integers")
         if self.tailor_damp < 0:
             raise UserError(f"--tailor_damp {self.tailor_damp}: the damping must be >= 0")
+        if self.tailor_compat not in COMPAT_MODES:
+            raise UserError(f"--tailor_compat {self.tailor_compat!r}: expected one of {', '.join(COMPAT_MODES)}")
+        if self.tailor_first_layer < 0:
+            raise UserError(f"--tailor_first_layer {self.tailor_first_layer}: must be >= 0")
 
 
-# ---------------------------------------------------------------------------------------------- per layer
+# ---------------------------------------------------------------------------------------------- per layer: correct
 
 
 def keep_count(cols: int, keep: float) -> int:
@@ -91,7 +144,7 @@ def keep_count(cols: int, keep: float) -> int:
 
 
 def zscore_rows(values: torch.Tensor) -> torch.Tensor:
-    """(v - mean) / std along the last dim, std with 1/n; rows whose std is 0 get z = 0."""
+    """T5's z along the last dim, std with 1/n; rows whose std is 0 get z = 0."""
     mean = values.mean(dim=-1, keepdim=True)
     std = values.std(dim=-1, unbiased=False, keepdim=True)
     centred = values - mean
@@ -99,29 +152,37 @@ def zscore_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """U, upper triangular, with U^T U = (H + lambda I)^{-1}, lambda = damp * mean(diag H) (1 if that is 0)."""
-    h = hessian.double()
+    """T2: U, upper triangular, with U^T U = (H + lambda I)^{-1}, lambda = damp * mean(diag H) (1 if that is 0)."""
+    h = hessian.to(torch.float64, copy=True)  # `hessian` may be shared by several layers: never modified
     lam = damp * float(torch.diagonal(h).mean())
     if lam <= 0:
         lam = 1.0 if damp > 0 else 0.0
-    h = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lower, info = torch.linalg.cholesky_ex(h)
+    torch.diagonal(h).add_(lam)
+    return _upper_cholesky_of_inverse(h, damp)
+
+
+def _upper_cholesky_of_inverse(h_damped: torch.Tensor, damp: float) -> torch.Tensor:
+    """chol(H_d^{-1}, upper) via chol(H_d) and cholesky_inverse; at most two [in, in] float64 copies alive."""
+    lower, info = torch.linalg.cholesky_ex(h_damped)
+    size = h_damped.shape[0]
+    del h_damped
     if int(info) != 0:
-        raise UserError(f"Model Tailor: the damped Hessian ({h.shape[0]} inputs) is not positive definite "
+        raise UserError(f"Model Tailor: the damped Hessian ({size} inputs) is not positive definite "
                         f"(damping {damp}); raise --tailor_damp or use more --tailor_samples")
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def tailor_keep_mask(w0: torch.Tensor, w_ft: torch.Tensor, u_diag: torch.Tensor, keep: float,
                      block: int) -> torch.Tensor:
-    """Bool [out, in]: the k best-scoring entries of every block-row (score = 0.8 z(salience) + 0.2 z(sens.))."""
-    salience = (w_ft - w0).abs()
-    sensitivity = w_ft.pow(2) / u_diag.pow(2)[None, :]
+    """Bool [out, in]: the k best-scoring entries of every block-row (T3-T5 on W_ft)."""
     mask = torch.zeros_like(w_ft, dtype=torch.bool)
     for b0 in range(0, w_ft.shape[1], block):
         b1 = min(b0 + block, w_ft.shape[1])
-        score = (SALIENCE_WEIGHT * zscore_rows(salience[:, b0:b1])
-                 + SENSITIVITY_WEIGHT * zscore_rows(sensitivity[:, b0:b1]))
+        salience = (w_ft[:, b0:b1] - w0[:, b0:b1]).abs()  # T3
+        sensitivity = w_ft[:, b0:b1].pow(2) / u_diag[b0:b1].pow(2)[None, :]  # T4
+        score = SALIENCE_WEIGHT * zscore_rows(salience) + SENSITIVITY_WEIGHT * zscore_rows(sensitivity)  # T5
         best = torch.argsort(score, dim=1, descending=True, stable=True)[:, :keep_count(b1 - b0, keep)]
         mask[:, b0:b1].scatter_(1, best, True)
     return mask
@@ -129,10 +190,10 @@ def tailor_keep_mask(w0: torch.Tensor, w_ft: torch.Tensor, u_diag: torch.Tensor,
 
 def obs_compensate(w_ft: torch.Tensor, w0: torch.Tensor, keep_mask: torch.Tensor, u: torch.Tensor,
                    block: int) -> torch.Tensor:
-    """Column-by-column OBS with a fixed mask (SparseGPT's lazy-batch form): reset entries go to W0, the error
-    of each column is pushed onto the later columns (w_{j+1:} -= err * U_{j, j+1:}); reset entries are
-    re-imposed as exact W0 at the end.  All [out, in]; computed in float64."""
-    w = w_ft.double().clone()
+    """T6 with a fixed mask (SparseGPT's lazy-batch form): reset entries go to W0, the error of each column is
+    pushed onto the later columns (w_{j+1:} -= err * U_{j, j+1:}); reset entries are re-imposed as exact W0 at
+    the end.  All [out, in]; computed in float64."""
+    w = w_ft.to(torch.float64, copy=True)
     w0d, u = w0.double(), u.double()
     cols = w.shape[1]
     for b0 in range(0, cols, block):
@@ -150,12 +211,66 @@ def obs_compensate(w_ft: torch.Tensor, w0: torch.Tensor, keep_mask: torch.Tensor
     return torch.where(keep_mask, w, w0d)
 
 
+# ---------------------------------------------------------------------------------------------- per layer: official
+
+
+def official_inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """T2 as in the release: H_jj = 1 for dead inputs (diag 0), then lambda = damp * mean(diag H), no fallback."""
+    h = hessian.to(torch.float64, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0  # pairs (j, j) of the dead indices: their diagonal entries
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
+    return _upper_cholesky_of_inverse(h, damp)
+
+
+def official_block_scores(salience: torch.Tensor, sensitivity: torch.Tensor) -> torch.Tensor:
+    """T5 of one block, [rows, cols]: z along each row with the unbiased std and no guard (O4)."""
+    def z(v):
+        return (v - v.mean(dim=1, keepdim=True)) / v.std(dim=1, keepdim=True)  # torch's default: 1/(n-1)
+    return SALIENCE_WEIGHT * z(salience) + SENSITIVITY_WEIGHT * z(sensitivity)
+
+
+def official_reset_mask(score: torch.Tensor, keep: float) -> torch.Tensor:
+    """O2: reset = score <= the int(n * (1 - keep))-th smallest score of the whole block (n = all its entries)."""
+    thresh = torch.sort(score.flatten())[0][int(score.numel() * (1.0 - keep))]
+    return score <= thresh
+
+
+def tailor_layer_official(w0: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, keep: float = 0.1,
+                          block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_tailored in w0's dtype, keep mask) as the release computes them (O1-O4); float64 arithmetic."""
+    u = official_inverse_hessian_cholesky(hessian.to(w_ft.device), damp)
+    w, w0d = w_ft.to(torch.float64, copy=True), w0.double()
+    salience = (w - w0d).abs()  # T3 from the uncompensated W_ft (O3)
+    keep_mask = torch.zeros_like(w, dtype=torch.bool)
+    cols = w.shape[1]
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        w_blk, u_blk = w[:, b0:b1].clone(), u[b0:b1, b0:b1]  # already compensated by the blocks before (O3)
+        sensitivity = w_blk.pow(2) / torch.diagonal(u_blk).pow(2)[None, :]  # T4 on the compensated weights
+        reset = official_reset_mask(official_block_scores(salience[:, b0:b1], sensitivity), keep)
+        done, errors = torch.zeros_like(w_blk), torch.zeros_like(w_blk)
+        for i in range(b1 - b0):
+            current = w_blk[:, i].clone()
+            target = torch.where(reset[:, i], w0d[:, b0 + i], current)
+            err = (current - target) / u_blk[i, i]
+            w_blk[:, i:] += err[:, None] * u_blk[i, i:][None, :]  # O1: added
+            done[:, i], errors[:, i] = target, err
+        w[:, b0:b1] = done
+        w[:, b1:] += errors @ u[b0:b1, b1:]  # O1: added
+        keep_mask[:, b0:b1] = ~reset
+    return torch.where(keep_mask, w.to(w0.dtype), w0), keep_mask
+
+
 def tailor_layer(w0: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, keep: float = 0.1,
-                 block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                 block: int = 128, damp: float = 0.01, compat: str = "correct") -> tuple[torch.Tensor, torch.Tensor]:
     """(W_tailored in w0's dtype, keep mask).  Reset entries are w0's own values (bit-exact)."""
+    if compat == "official":
+        return tailor_layer_official(w0, w_ft, hessian, keep, block, damp)
     u = inverse_hessian_cholesky(hessian.to(w_ft.device), damp)
-    mask = tailor_keep_mask(w0.double(), w_ft.double(), torch.diagonal(u), keep, block)
-    compensated = obs_compensate(w_ft, w0, mask, u, block).to(w0.dtype)
+    w0d, w_ftd = w0.double(), w_ft.double()
+    mask = tailor_keep_mask(w0d, w_ftd, torch.diagonal(u), keep, block)
+    compensated = obs_compensate(w_ftd, w0d, mask, u, block).to(w0.dtype)
     return torch.where(mask, compensated, w0), mask
 
 
@@ -178,8 +293,6 @@ class CalibrationData:
     @classmethod
     def from_run_dir(cls, run_dir: str, **overrides) -> "CalibrationData":
         """The run's own training data (RUN_DIR/run_args.json), any non-None override winning."""
-        from llava_sculpt.transform import read_run_args
-
         recorded = read_run_args(run_dir)
         data, model, train = (recorded.get(k, {}) for k in ("data_args", "model_args", "training_args"))
         values = {"data_path": data.get("data_path"), "image_folder": data.get("image_folder"),
@@ -192,9 +305,6 @@ class CalibrationData:
         return cls(**values)
 
     def dataset(self, processor, config):
-        from llava_sculpt.data.conversation import get_template
-        from llava_sculpt.data.dataset import LlavaSupervisedDataset
-
         return LlavaSupervisedDataset(self.data_path, self.image_folder, processor.tokenizer,
                                       processor.image_processor, config, get_template(self.version),
                                       self.model_max_length, self.image_aspect_ratio)
@@ -221,17 +331,33 @@ def model_inputs(item: dict, device, dtype: torch.dtype) -> dict:
 @torch.no_grad()
 def collect_hessians(model, layers: dict[str, torch.nn.Module], samples: list[dict],
                      stop_after: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """H = (2 / N) sum x x^T (float64, [in, in]) of the inputs of each layer in `layers` over the N samples,
-    one sample per forward (no padding); the forward is cut short after `stop_after` when given."""
+    """T1: H = (2 / N) sum x x^T (float64, [in, in]) of the inputs of each layer in `layers` over the N samples,
+    one sample per forward (no padding); the forward is cut short after `stop_after` when given.
+
+    Layers called one after the other on the very same input tensor (Llama's q/k/v_proj, gate/up_proj) get
+    one shared Hessian tensor: same values, a third of the memory and work for q/k/v."""
     some = next(iter(layers.values()))
     device, dtype = some.base_layer.weight.device, some.base_layer.weight.dtype
-    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                for name, m in layers.items()}
+    hessians: dict[str, torch.Tensor] = {}
+    shares: dict[str, str] = {}  # layer -> layer whose Hessian it shares, fixed by the first sample
+    last: list = [None, None]  # (input tensor, owner name) of the previous hooked call in this forward
+    first = [True]
 
     def accumulate(name):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()  # [tokens, in]
-            hessians[name].addmm_(x.T, x)
+            x_in = args[0]
+            owner = last[1] if last[0] is x_in else name
+            if first[0]:
+                shares[name] = owner
+            elif shares.get(name) != owner:
+                raise RuntimeError(f"Model Tailor: {name} shared its input with {shares.get(name)} on the first "
+                                   f"calibration sample but not on a later one")
+            last[0], last[1] = x_in, owner
+            if owner == name:
+                x = x_in.reshape(-1, x_in.shape[-1]).double()  # [tokens, in]
+                if name not in hessians:
+                    hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+                hessians[name].addmm_(x.T, x)
         return hook
 
     def stop(module, args, output):
@@ -246,80 +372,127 @@ def collect_hessians(model, layers: dict[str, torch.nn.Module], samples: list[di
                 model(**model_inputs(item, device, dtype), use_cache=False)
             except _StopForward:
                 pass
+            last[0] = last[1] = None
+            first[0] = False
     finally:
         for handle in handles:
             handle.remove()
-    return {name: h * (2.0 / len(samples)) for name, h in hessians.items()}
+    for h in hessians.values():
+        h.mul_(2.0 / len(samples))
+    missing = set(layers) - set(shares)
+    if missing:
+        raise UserError(f"Model Tailor: no calibration input reached {sorted(missing)[:2]}")
+    return {name: hessians[shares[name]] for name in layers}
 
 
-def decoder_layer_groups(model, layers: list[tuple[str, torch.nn.Module]]):
-    """[(decoder layer module or None, [(name, layer), ...])] in module order: one forward pass per group."""
+@dataclass
+class LayerGroup:
+    """The adapted layers of one decoder layer (`module`, number `index`), or of no decoder layer (both None)."""
+    index: int | None
+    module: torch.nn.Module | None
+    items: list[tuple[str, torch.nn.Module]]
+
+
+def decoder_layer_groups(model, layers: list[tuple[str, torch.nn.Module]]) -> list[LayerGroup]:
+    """Adapted layers grouped by decoder layer, in module order: one (cut-short) forward pass per group."""
     modules = dict(model.named_modules())
     groups: dict[str | None, list] = {}
     for name, layer in layers:
         m = re.match(r"(.*\.layers\.\d+)\.", name)
         groups.setdefault(m.group(1) if m else None, []).append((name, layer))
-    return [(modules[key] if key else None, items) for key, items in groups.items()]
+    return [LayerGroup(int(key.rsplit(".", 1)[1]) if key else None, modules[key] if key else None, items)
+            for key, items in groups.items()]
 
 
 @torch.no_grad()
-def tailor_merge_(loaded, samples: list[dict], flags: "TailorFlags") -> dict:
+def tailor_merge_(loaded: LoadedRun, samples: list[dict], flags: TailorFlags) -> dict:
     """In place on `loaded.model` (a PeftModel): every adapted weight <- Model Tailor's, projector <- the
-    pretrained one; returns the plain model (adapter removed) and the kept fraction.  Every Hessian is taken
-    through the unmodified fine-tuned model: new weights wait on the CPU until all layers are done."""
-    from llava_sculpt.transform import lora_delta, lora_layers, set_projector
+    pretrained one; returns the plain model (adapter removed) and the kept fraction.
 
-    layers = lora_layers(loaded.model)
-    pending, kept, total = {}, 0, 0
-    for stop_after, items in decoder_layer_groups(loaded.model, layers):
-        hessians = collect_hessians(loaded.model, dict(items), samples, stop_after)
-        for name, layer in items:
+    correct: Hessians through the unmodified fine-tuned model, decoder layers from the last to the first, each
+    written in place when done (its inputs never depend on a later layer).  official: decoder layers from the
+    first to the last, each layer's Hessians taken through the tailored layers before it, after the projector's
+    linear weights were reset (main_model_tailor.py).  Layers outside any decoder layer (none for LLaVA) come
+    first (correct, written at the end) or last (official) with a full forward pass."""
+    official = flags.tailor_compat == "official"
+    groups = decoder_layer_groups(loaded.model, lora_layers(loaded.model))
+    skipped = [g for g in groups if g.index is not None and g.index < flags.tailor_first_layer]
+    decoder = [g for g in groups if g.index is not None and g.index >= flags.tailor_first_layer]
+    outside = [g for g in groups if g.index is None]
+    counts = [0, 0]
+
+    def tailor_group(group: LayerGroup) -> dict[str, torch.Tensor]:
+        hessians = collect_hessians(loaded.model, dict(group.items), samples, group.module)
+        new = {}
+        for name, layer in group.items:
             w0 = layer.base_layer.weight
-            w_ft = w0.double() + lora_delta(layer, dtype=torch.float64)
-            new_weight, mask = tailor_layer(w0, w_ft, hessians.pop(name), flags.tailor_keep, flags.tailor_block,
-                                            flags.tailor_damp)
-            pending[name] = new_weight.cpu()
-            kept, total = kept + int(mask.sum()), total + mask.numel()
-    for name, layer in layers:
-        layer.base_layer.weight.copy_(pending.pop(name))
-    set_projector(loaded.model, loaded.base_projector)
-    return {"model": loaded.model.unload(), "kept_fraction": kept / max(total, 1)}
+            w_ft = lora_delta(layer, dtype=torch.float64).add_(w0)  # W0 + s B A in float64
+            new[name], mask = tailor_layer(w0, w_ft, hessians.pop(name), flags.tailor_keep, flags.tailor_block,
+                                           flags.tailor_damp, flags.tailor_compat)
+            counts[0], counts[1] = counts[0] + int(mask.sum()), counts[1] + mask.numel()
+            del w_ft, mask
+        return new
+
+    def write(group: LayerGroup, weights: dict[str, torch.Tensor]) -> None:
+        for name, layer in group.items:
+            replace_adapted_weight(layer, weights.pop(name))
+
+    def merge_plain(group: LayerGroup) -> None:  # not tailored: W0 + s B A
+        for _, layer in group.items:
+            w0 = layer.base_layer.weight
+            replace_adapted_weight(layer, w0.to(torch.float32) + lora_delta(layer).to(w0.device))
+
+    if official:
+        # the projector's linear weights, not its biases, back to the pretrained ones (main_model_tailor.py)
+        set_projector(loaded.model, {f"{prefix}.weight": loaded.base_projector[f"{prefix}.weight"]
+                                     for prefix, module in find_projector(loaded.model).named_modules()
+                                     if isinstance(module, torch.nn.Linear)})
+        for group in skipped:
+            merge_plain(group)
+        for group in decoder + outside:
+            write(group, tailor_group(group))
+    else:
+        pending = [(group, {k: v.cpu() for k, v in tailor_group(group).items()}) for group in outside]
+        for group in reversed(decoder):
+            write(group, tailor_group(group))
+        for group in skipped:
+            merge_plain(group)
+        for group, weights in pending:
+            write(group, weights)
+        set_projector(loaded.model, loaded.base_projector)
+    return {"model": loaded.model.unload(), "kept_fraction": counts[0] / max(counts[1], 1)}
 
 
 def apply_tailor(model_path: str, output_dir: str, data: CalibrationData, model_base: str | None = None,
-                 flags: TailorFlags | None = None, dtype: torch.dtype = torch.float32, device: str = "auto") -> str:
-    """Load the LoRA run at `model_path`, apply Model Tailor with calibration samples from `data`, write the
-    merged checkpoint to `output_dir`."""
-    from llava_sculpt.transform import load_run, resolve_device, save_merged
-
+                 flags: TailorFlags | None = None, dtype: torch.dtype | str = "auto", device: str = "auto") -> str:
+    """Load the LoRA run at `model_path` (in `dtype`; `auto`: the run's compute dtype), apply Model Tailor with
+    calibration samples from `data`, write the merged checkpoint to `output_dir` atomically."""
     flags = flags or TailorFlags()
     flags.validate()
+    dtype = resolve_dtype(dtype, model_path, model_base)
     loaded = load_run(model_path, model_base, dtype, resolve_device(device))
     samples = calibration_samples(data.dataset(loaded.processor, loaded.model.config), flags.tailor_samples,
                                   flags.tailor_seed)
     result = tailor_merge_(loaded, samples, flags)
-    info = {"transform": "tailor", "flags": vars(flags), "calibration": vars(data), "num_samples": len(samples),
-            "source_run": os.path.abspath(model_path), "model_base": loaded.model_base,
-            "dtype": str(dtype).replace("torch.", ""), "kept_fraction_lm": result["kept_fraction"]}
+    info = transform_info("tailor", flags, model_path, loaded, dtype, calibration=vars(data),
+                          num_samples=len(samples), kept_fraction_lm=result["kept_fraction"])
     return save_merged(result["model"], loaded.processor, output_dir, info)
 
 
-class TailorMethod(LoRAMethod):
+class TailorMethod(PostHocMethod):
     """`--method tailor`: trains plain LoRA, then writes RUN_DIR/merged with Model Tailor's weights (calibrated
     on the run's own training data).  Evaluate RUN_DIR/merged."""
 
     name = "tailor"
+    transform_name = "tailor"
     flags_class = TailorFlags
 
     def __init__(self, flags: TailorFlags | None = None):
         super().__init__(flags or TailorFlags())
         self.flags.validate()  # fail before training, not after
 
-    def post_training(self, run_dir: str, model, run: RunContext) -> None:
-        # Reloaded from what was just saved in run_dir, as `llava-sculpt transform tailor` would do (in float32,
-        # on the GPU when there is one: the trained model is still in memory next to it).
-        from llava_sculpt.transform import MERGED_SUBDIR
-
-        out = apply_tailor(run_dir, os.path.join(run_dir, MERGED_SUBDIR), CalibrationData.from_run(run),
-                           run.model_args.model_name_or_path, self.flags)
-        print(f"tailor: merged checkpoint (evaluate this one) written to {out}")
+    def apply(self, run_dir: str, output_dir: str, run: RunContext, dtype: torch.dtype) -> str:
+        # Reloaded from what was just saved in run_dir, after the training state was freed, as
+        # `llava-sculpt transform tailor` does (on the GPU when there is one, in the run's compute dtype).
+        return apply_tailor(run_dir, output_dir, CalibrationData.from_run(run), run.model_args.model_name_or_path,
+                            self.flags, dtype)
