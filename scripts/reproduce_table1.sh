@@ -65,6 +65,11 @@ for target in $TARGETS; do
       fi
       model=$run
       case $method in dare|tailor) model=$run/merged ;; esac
+      if [ "$model" = "$run/merged" ] && [ ! -f "$model/config.json" ]; then
+        # the run finished but its transform did not (e.g. stopped or out of memory): redo only the transform
+        "$PYTHON" -m llava_sculpt.cli transform "$method" --model-path "$run" --model-base "$MODEL_BASE" \
+          --output-dir "$model" ${method_args[@]+"${method_args[@]}"}
+      fi
       METHOD=$method LORA_R=$rank EVAL_DIR="$run/eval" MODEL_BASE=$MODEL_BASE \
         bash "$HERE/eval_source_target.sh" "$model" "$target" > /dev/null
     done

@@ -207,4 +207,13 @@ def test_reproduce_table1_tiny_narrow(tmp_path):
     for name in ("Zero-shot", "LoRA", "DARE"):
         cells = [c.strip() for c in rows[name].split("|")[2:-1]]
         assert len(cells) == 7 and "-" not in cells, rows[name]  # every column filled
-    assert (tmp_path / "t1" / "runs" / "iconqa" / "dare_r4" / "merged" / "config.json").is_file()
+    merged = tmp_path / "t1" / "runs" / "iconqa" / "dare_r4" / "merged"
+    assert (merged / "config.json").is_file()
+    # a run whose transform did not finish: the rerun redoes only the transform (seeded: the same weights)
+    weights = {p.name: p.read_bytes() for p in merged.glob("*.safetensors")}
+    shutil.rmtree(merged)
+    proc = run_script("reproduce_table1_tiny.sh", tmp_path, timeout=900, OUT="t1", METHODS="dare", RANKS="4",
+                      TARGETS="iconqa", MAX_QUESTIONS="2", MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1",
+                      PYTHON=sys.executable)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {p.name: p.read_bytes() for p in merged.glob("*.safetensors")} == weights
