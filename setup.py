@@ -17,6 +17,7 @@ setup(
         "torch>=2.1,<3",
         "transformers>=5.0,<6",
         "peft>=0.17",
+        "attrs>=21",  # PEFT's CorDA (--init_lora_weights corda) imports `attr` without declaring it
         "accelerate>=1.0",
         "safetensors>=0.4",
         "pillow>=9",

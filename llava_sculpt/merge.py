@@ -21,6 +21,10 @@ def merge_run(model_path: str, output_dir: str, model_base: str | None = None, d
     if not os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG)):
         raise UserError(f"--model-path {model_path}: no {ADAPTER_CONFIG}; expected a training run or checkpoint "
                         "directory holding a PEFT adapter")
+    from llava_sculpt.methods.asymlora import NOT_MERGEABLE, saved_experts
+
+    if saved_experts(model_path):
+        raise UserError(f"--model-path {model_path}: {NOT_MERGEABLE}")
     model, processor = load_for_inference(model_path, model_base, dtype=DTYPES[dtype])
     merged = model.merge_and_unload()
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."

@@ -112,6 +112,21 @@ class TrainingArguments(transformers.TrainingArguments):
                                     "label token of the step's accumulated micro-batches divided by their number "
                                     "(over all processes with --average_tokens_across_devices True)",
                                     "choices": ["llava", "global_tokens"]})
+    init_lora_weights: str = field(default="default", metadata={"help": "initialisation of the LoRA factors "
+                                   "(PEFT's): default (A Kaiming-uniform, B = 0; LLaVA-1.5), gaussian, pissa, olora "
+                                   "and corda (these three change the base weights; saved adapters are converted "
+                                   "to apply to the original base), eva (SVD of the training data's layer inputs). "
+                                   "See llava_sculpt/methods/lora_init.py",
+                                   "choices": ["default", "gaussian", "pissa", "olora", "corda", "eva"]})
+    corda_data: str | None = field(default=None, metadata={"help": "--init_lora_weights corda: LLaVA training JSON "
+                                   "of SOURCE-task samples whose layer-input covariances CorDA uses (required then)"})
+    corda_image_folder: str | None = field(default=None, metadata={"help": "folder the --corda_data 'image' paths "
+                                           "are relative to (default: --image_folder)"})
+    corda_method: str = field(default="kpm", metadata={"help": "CorDA mode: kpm (knowledge-preserving: the adapter "
+                              "takes the directions the source data uses least) or ipm (instruction-previewed)",
+                              "choices": ["kpm", "ipm"]})
+    corda_samples: int = field(default=256, metadata={"help": "how many --corda_data samples (the first ones) "
+                               "the covariances are collected over"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -270,6 +285,9 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
     get_template(model_args.version)
     check_deepspeed_config(training_args.deepspeed)
     check_cpu_data_parallel(training_args)
+    from llava_sculpt.methods import lora_init
+
+    lora_init.validate(training_args, uses_lora, model_args.method)
     if training_args.lora_weight_path and not os.path.isfile(
             os.path.join(training_args.lora_weight_path, "adapter_model.safetensors")):
         raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
@@ -443,7 +461,17 @@ class LlavaSculptTrainer(transformers.Trainer):
         + processor + run arguments.  Under ZeRO-3 `state_dict` is the gathered one, so saved values are the
         trained ones.  A method without LoRA saves its trained tensors only (partial_model.safetensors)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.method.uses_lora:
+        from llava_sculpt.methods import lora_init
+
+        initial_adapter = self.run.extras.get(lora_init.INITIAL_ADAPTER_KEY)
+        if self.method.uses_lora and initial_adapter:  # pissa / olora / corda: an adapter of the ORIGINAL base
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                lora_init.save_converted_adapter(self.model, output_dir, initial_adapter, state_dict)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+        elif self.method.uses_lora:
             super()._save(output_dir, state_dict=state_dict)
         method_state = self.method.state_dict()  # on every process: a method may gather its state from the ranks
         if not self.args.should_save:
@@ -467,6 +495,15 @@ class LlavaSculptTrainer(transformers.Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.method.uses_lora:
             load_partial_model(model if model is not None else self.model, resume_from_checkpoint)
+            return
+        from llava_sculpt.methods import lora_init
+
+        if self.run.extras.get(lora_init.INITIAL_ADAPTER_KEY):  # the saved adapter is converted: the raw one
+            if not lora_init.load_unconverted_adapter(model if model is not None else self.model,
+                                                      resume_from_checkpoint):
+                raise UserError(f"{resume_from_checkpoint}: no {lora_init.UNCONVERTED_ADAPTER_FILE}, which resuming "
+                                f"--init_lora_weights {self.args.init_lora_weights} needs; start a new --output_dir")
+            load_projector(model if model is not None else self.model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_projector(model if model is not None else self.model, resume_from_checkpoint)

@@ -1,4 +1,5 @@
-"""`python -m llava_sculpt.transform {dare,tailor} --model-path RUN_DIR [--model-base BASE] --output-dir OUT [flags]`
+"""`python -m llava_sculpt.transform {dare,tailor,intruders} --model-path RUN_DIR [--model-base BASE]
+--output-dir OUT [flags]`
 
 Post-training baselines of the paper's Table 1, applied to an already-trained LoRA run (adapter + trained
 projector, e.g. the output of `llava-sculpt train --method lora`):
@@ -7,9 +8,11 @@ projector, e.g. the output of `llava-sculpt train --method lora`):
             the kept ones by 1/(1-p), merge.                            see llava_sculpt/methods/dare.py
     tailor  Model Tailor (Zhu et al., ICML'24): keep the 10% most salient/sensitive fine-tuned entries,
             reset the rest to W0, OBS-compensate the kept ones; projector reset.  see methods/tailor.py
+    intruders  intruder-dimension reduction (Shuttleworth et al., 2024), PEFT's reduce_intruder_dimension,
+            then merged; projector as trained.                          see methods/intruders.py
 
-Both write a plain merged Hugging Face checkpoint (+ processor, + `transform.json` recording what was done)
-to --output-dir, atomically.  `llava-sculpt train --method dare|tailor` does the same automatically into
+All write a plain merged Hugging Face checkpoint (+ processor, + `transform.json` recording what was done)
+to --output-dir, atomically.  `llava-sculpt train --method dare|tailor|intruders` does the same automatically into
 RUN_DIR/merged; evaluate that directory (not RUN_DIR, whose adapter is the untransformed LoRA).
 
 `--dtype auto` (default) loads, transforms and saves in the run's compute dtype (--bf16 -> bfloat16, as
@@ -25,6 +28,7 @@ from typing import Sequence
 
 from llava_sculpt.errors import run_cli
 from llava_sculpt.methods.dare import DAREFlags, apply_dare
+from llava_sculpt.methods.intruders import IntrudersFlags, apply_intruders
 from llava_sculpt.methods.tailor import CalibrationData, TailorFlags, apply_tailor
 from llava_sculpt.model.load import DTYPES
 
@@ -43,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="transform", required=True)
     for name, flags_class, help_ in (("dare", DAREFlags, "DARE: random drop + rescale of the fine-tuned deltas"),
-                                     ("tailor", TailorFlags, "Model Tailor: keep 10% of the deltas, OBS-compensated")):
+                                     ("tailor", TailorFlags, "Model Tailor: keep 10% of the deltas, OBS-compensated"),
+                                     ("intruders", IntrudersFlags, "intruder-dimension reduction (PEFT's "
+                                      "reduce_intruder_dimension), merged")):
         s = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_)
         s.add_argument("--model-path", required=True, help="LoRA run or checkpoint-N directory")
         s.add_argument("--model-base", default=None, help="base checkpoint (default: the one the adapter records)")
@@ -68,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.transform == "dare":
         flags = DAREFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAREFlags)})
         out = apply_dare(args.model_path, args.output_dir, args.model_base, flags, args.dtype, args.device)
+    elif args.transform == "intruders":
+        flags = IntrudersFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(IntrudersFlags)})
+        out = apply_intruders(args.model_path, args.output_dir, args.model_base, flags, args.dtype, args.device)
     else:
         flags = TailorFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TailorFlags)})
         data = CalibrationData.from_run_dir(args.model_path, data_path=args.data_path, image_folder=args.image_folder,

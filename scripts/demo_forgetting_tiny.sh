@@ -55,7 +55,7 @@ for method in $METHODS; do
       --per_device_train_batch_size 8 --learning_rate 5e-3 --mm_projector_lr 5e-4 --sculpt_step 30 \
       --gradient_checkpointing False --save_strategy no --disable_tqdm True
   fi
-  model=$run; case $method in dare|tailor) model=$run/merged ;; esac
+  model=$run; case $method in dare|tailor|intruders) model=$run/merged ;; esac
   stage "$LOGS/eval_$method.log" "evaluating the $method run on the target and the sources" \
     env METHOD="$method" LORA_R=16 EVAL_DIR="$run/eval" MODEL_BASE="$OUT/tiny/model" \
     bash scripts/eval_source_target.sh "$model" iconqa

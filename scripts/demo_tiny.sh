@@ -41,7 +41,7 @@ stage "$LOGS/train.log" "fine-tuning it with --method $METHOD (12 steps on CPU)"
 stage "$LOGS/prepare.log" "writing fixtures of IconQA and the four source benchmarks, llava-sculpt prepare" \
   prepare_fixtures
 MODEL="$RUN"
-case $METHOD in dare|tailor) MODEL="$RUN/merged" ;; esac
+case $METHOD in dare|tailor|intruders) MODEL="$RUN/merged" ;; esac
 stage "$LOGS/eval.log" "evaluating the run on IconQA (target) and the four sources, 8 questions each" \
   env DATA_ROOT="$DEMO/data" EVAL_DIR="$RUN/eval" NUM_GPUS=0 MAX_QUESTIONS=8 MAX_NEW_TOKENS=8 METHOD="$METHOD" \
   LORA_R=8 bash scripts/eval_source_target.sh "$MODEL" iconqa

@@ -14,7 +14,7 @@
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
-# DARE and Model Tailor are evaluated on their merged checkpoint (RUN/merged). Rerunning continues where it
+# DARE, Model Tailor, intruders are evaluated on their merged checkpoint (RUN/merged). Rerunning continues where it
 # stopped: finished runs (training_complete.json) are not retrained and generation resumes.
 # Model Tailor runs with --tailor_compat official: the authors' release (compensation added, kept set chosen
 # jointly per 128-column block, ...; see llava_sculpt/methods/tailor.py) is what produced the paper's numbers.
@@ -64,7 +64,7 @@ for target in $TARGETS; do
           IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" ${method_args[@]+"${method_args[@]}"} "${train_args[@]}"
       fi
       model=$run
-      case $method in dare|tailor) model=$run/merged ;; esac
+      case $method in dare|tailor|intruders) model=$run/merged ;; esac
       if [ "$model" = "$run/merged" ] && [ ! -f "$model/config.json" ]; then
         # the run finished but its transform did not (e.g. stopped or out of memory): redo only the transform
         "$PYTHON" -m llava_sculpt.cli transform "$method" --model-path "$run" --model-base "$MODEL_BASE" \

@@ -12,9 +12,11 @@ from llava_sculpt.methods.dare import DAREMethod
 from llava_sculpt.methods.tailor import TailorMethod
 from llava_sculpt.methods.spider import SpiderMethod
 from llava_sculpt.methods.magnitude_mask import MagnitudeMaskMethod
+from llava_sculpt.methods.asymlora import AsymLoRAMethod
+from llava_sculpt.methods.intruders import IntrudersMethod
 
 METHODS: dict[str, type[FineTuningMethod]] = {m.name: m for m in (LoRAMethod, SculptMethod, DoRAMethod, L2Method, OrthMethod, DAREMethod, TailorMethod,
-                                                      SpiderMethod, MagnitudeMaskMethod)}
+                                                      SpiderMethod, MagnitudeMaskMethod, IntrudersMethod, AsymLoRAMethod)}
 
 
 def get_method_class(name: str) -> type[FineTuningMethod]:

@@ -37,9 +37,12 @@ def lora_target_regex(model, include_projector: bool = False) -> str:
 def make_lora_config(training_args, model, include_projector: bool = False, **overrides):
     from peft import LoraConfig
 
+    from llava_sculpt.methods import lora_init
+
     kwargs = dict(r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                   lora_dropout=training_args.lora_dropout, bias=training_args.lora_bias,
-                  target_modules=lora_target_regex(model, include_projector), task_type="CAUSAL_LM")
+                  target_modules=lora_target_regex(model, include_projector), task_type="CAUSAL_LM",
+                  **lora_init.config_kwargs(training_args))  # --init_lora_weights (methods/lora_init.py)
     kwargs.update(overrides)
     return LoraConfig(**kwargs)
 
@@ -50,9 +53,21 @@ def inject_lora(model, run: RunContext, include_projector: bool = False, **overr
     projector, so plain `PeftModel.from_pretrained(base, run_dir)` restores the whole trained model."""
     from peft import get_peft_model
 
+    from llava_sculpt.methods import lora_init
+
     if not include_projector and not getattr(run.training_args, "freeze_mm_mlp_adapter", False):
         overrides.setdefault("modules_to_save", [PROJECTOR_MODULE])
-    return get_peft_model(model, make_lora_config(run.training_args, model, include_projector, **overrides))
+    lora_init.check_method_compatible(run.training_args, overrides, include_projector)
+    config = make_lora_config(run.training_args, model, include_projector, **overrides)
+    init = lora_init.init_name(run.training_args)
+    if init == "corda":  # layer-input covariances of the source data, before the adapters exist
+        lora_init.preprocess_corda(model, config, run)
+    model = get_peft_model(model, config)
+    if init == "eva":
+        lora_init.initialize_eva(model, run)
+    if init in lora_init.MUTATING_INITS:  # every save is converted against this (see lora_init.py)
+        lora_init.save_initial_adapter(model, run)
+    return model
 
 
 class LoRAMethod(FineTuningMethod):

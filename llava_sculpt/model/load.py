@@ -231,6 +231,11 @@ def load_for_inference(model_path: str, model_base: str | None = None, dtype: to
     model = load_base_model(model_base, dtype, attn_implementation, flag="--model-base")
     if not adapter_saves_projector(model_path):  # runs written before the projector travelled in the adapter
         load_projector(model, model_path)
-    model = PeftModel.from_pretrained(model, model_path)
+    from llava_sculpt.methods.asymlora import load_asymlora_adapter, saved_experts
+
+    if saved_experts(model_path):  # AsymLoRA: its MLP layers are PEFT custom modules, registered before loading
+        model = load_asymlora_adapter(model, model_path)
+    else:
+        model = PeftModel.from_pretrained(model, model_path)
     processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
     return model.eval(), load_processor(processor_dir)

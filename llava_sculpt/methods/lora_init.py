@@ -1,0 +1,283 @@
+"""`--init_lora_weights`: how the LoRA factors of every LoRA-based method start (PEFT's initialisations).
+
+    default   PEFT's default (A Kaiming-uniform, B = 0): the adapter starts as the identity (LLaVA-1.5)
+    gaussian  A Gaussian (std 1/r), B = 0
+    pissa     A, B = the top-r singular triplets of W; the base becomes the residual W - s B A   (PiSSA)
+    olora     A, B = a QR decomposition of W; the base becomes the residual                     (OLoRA)
+    corda     A, B from the SVD of W C (C: the input covariance of each layer on --corda_data samples);
+              the base becomes the residual.  --corda_method kpm (knowledge-preserving: the adapter takes the
+              directions LEAST used by the source data) or ipm (instruction-previewed: the most used)   (CorDA)
+    eva       A = the top right-singular vectors of each layer's inputs on the training data, B = 0; ranks may
+              be redistributed across layers (PEFT's EvaConfig defaults)                              (EVA)
+
+pissa / olora / corda change the base weights.  The initial adapter is written to RUN_DIR/initial_lora_adapter
+before training, and every save (checkpoint-N and the final adapter) converts the trained adapter with PEFT's
+`path_initial_model_for_weight_conversion` into a plain LoRA of rank 2r (A' = [A; A0], B' = [B, -B0]) that
+applies to the ORIGINAL base: `merge`, `generate`, `eval` and the post-training transforms need nothing
+special.  PEFT's conversion keeps only lora_A / lora_B; the adapter's other tensors (the fully trained projector,
+`modules_to_save`; biases) are written back unchanged.  To resume, the checkpoint also holds the unconverted
+adapter (`adapter_unconverted.safetensors`), loaded into the model re-initialised the same way.
+
+corda and eva run forward passes over data (the LLaVA dataset and collator of training) before training, on
+the device training will use.  ZeRO-3 partitions the base weights at load time, so none of pissa / olora /
+corda / eva can decompose them there: refused.  Quantised bases (--bits 4/8), DoRA and --lora_weight_path are
+refused with the base-changing inits (the residual of a quantised weight, DoRA's magnitude and an earlier
+adapter do not survive the conversion).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from llava_sculpt.errors import UserError
+
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "corda", "eva")
+MUTATING_INITS = ("pissa", "olora", "corda")  # change the base weights: saves are converted
+DATA_INITS = ("corda", "eva")
+INITIAL_ADAPTER_DIR = "initial_lora_adapter"
+UNCONVERTED_ADAPTER_FILE = "adapter_unconverted.safetensors"
+INITIAL_ADAPTER_KEY = "lora_initial_adapter"  # RunContext.extras key
+
+
+def init_name(training_args) -> str:
+    return getattr(training_args, "init_lora_weights", "default") or "default"
+
+
+def mutates_base(training_args) -> bool:
+    return init_name(training_args) in MUTATING_INITS
+
+
+def zero_stage(deepspeed) -> int | None:
+    if not deepspeed:
+        return None
+    config = deepspeed
+    if isinstance(deepspeed, str):
+        try:
+            with open(deepspeed) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None  # train.check_deepspeed_config reports it
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    return zero.get("stage")
+
+
+def validate(training_args, uses_lora: bool = True, method: str | None = None) -> None:
+    """Before anything is loaded: the flag combinations that cannot work."""
+    init = init_name(training_args)
+    if init not in INIT_CHOICES:
+        raise UserError(f"--init_lora_weights {init}: expected one of {', '.join(INIT_CHOICES)}")
+    if init == "default":
+        return
+    if not uses_lora:
+        raise UserError(f"--init_lora_weights {init}: this --method trains no LoRA adapter")
+    if init == "corda":
+        if getattr(training_args, "corda_method", "kpm") not in ("kpm", "ipm"):
+            raise UserError(f"--corda_method {training_args.corda_method}: expected kpm or ipm")
+        if not training_args.corda_data:
+            raise UserError("--init_lora_weights corda needs --corda_data: a LLaVA training JSON of SOURCE-task "
+                            "samples whose layer-input covariances orient the adapter (kpm: away from what they "
+                            "use; ipm: along it)")
+        if not os.path.isfile(training_args.corda_data):
+            raise UserError(f"--corda_data {training_args.corda_data}: no such file")
+        if training_args.corda_samples < 1:
+            raise UserError(f"--corda_samples {training_args.corda_samples}: must be at least 1")
+    elif training_args.corda_data:
+        raise UserError(f"--corda_data is only used by --init_lora_weights corda (got {init})")
+    if zero_stage(training_args.deepspeed) == 3:
+        raise UserError(f"--init_lora_weights {init} under DeepSpeed ZeRO-3: the base weights are partitioned "
+                        "across processes when the model is loaded, so PEFT cannot decompose them or hook their "
+                        "inputs; use a ZeRO-2 config (configs/zero2.json) or --init_lora_weights default")
+    if init in MUTATING_INITS:
+        if method == "sculpt":
+            raise UserError(f"--method sculpt with --init_lora_weights {init}: LoRASculpt's masks, sparsity report and "
+                            "sparse adapter are defined on factors of the original base, but these factors train on "
+                            "a residual base; use --init_lora_weights default, gaussian or eva")
+        if training_args.bits != 16:
+            raise UserError(f"--init_lora_weights {init} with --bits {training_args.bits}: the residual of a "
+                            "quantised base plus the converted adapter is not the trained model; use --bits 16")
+        if training_args.lora_weight_path:
+            raise UserError(f"--init_lora_weights {init} replaces the base weights by a residual; it cannot "
+                            "continue from --lora_weight_path (an adapter of the original base)")
+
+
+def config_kwargs(training_args) -> dict:
+    """LoraConfig keyword arguments for --init_lora_weights (and CorDA's / EVA's configs)."""
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
+
+    init = init_name(training_args)
+    if init == "default":
+        return {}
+    kwargs: dict = {"init_lora_weights": init}
+    if init == "corda":
+        kwargs["corda_config"] = CordaConfig(corda_method=training_args.corda_method)
+    elif init == "eva":
+        kwargs["eva_config"] = EvaConfig()
+    return kwargs
+
+
+def check_method_compatible(training_args, overrides: dict, include_projector: bool = False) -> None:
+    init = init_name(training_args)
+    if init == "eva" and include_projector:
+        raise UserError("--init_lora_weights eva with LoRA on the projector: EVA's token mask is over the text "
+                        "positions and does not fit the projector's image-patch inputs")
+    if init in MUTATING_INITS and overrides.get("use_dora"):
+        raise UserError(f"--init_lora_weights {init} with DoRA: DoRA's magnitude is computed from the residual "
+                        "base and does not survive the conversion to the original base; use --method lora")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def make_loader(run, data_path: str, image_folder: str | None, batch_size: int, max_samples: int | None = None):
+    """The training dataset and collator over `data_path`, in file order (first `max_samples`)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from llava_sculpt.data.conversation import get_template
+    from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset
+    from llava_sculpt.model.load import load_processor
+
+    from transformers import AutoConfig
+
+    model_args, data_args, train = run.model_args, run.data_args, run.training_args
+    processor = load_processor(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    dataset = LlavaSupervisedDataset(data_path, image_folder, processor.tokenizer, processor.image_processor, config,
+                                     get_template(model_args.version), train.model_max_length,
+                                     data_args.image_aspect_ratio)
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = Subset(dataset, range(max_samples))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      collate_fn=LlavaCollator(processor.tokenizer.pad_token_id))
+
+
+def _to_model(batch: dict, model) -> dict:
+    """The batch on the model's device; images in the vision tower's dtype."""
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    out = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            value = value.to(param.device, param.dtype)
+        elif isinstance(value, torch.Tensor):
+            value = value.to(param.device)
+        out[key] = value
+    return out
+
+
+def _to_training_device(model, run) -> None:
+    """The device training will use (a quantised base is already placed there; it cannot be moved)."""
+    device = run.training_args.device
+    if device.type != "cpu" and next(model.parameters()).device.type == "cpu":
+        model.to(device)
+
+
+def preprocess_corda(model, config, run) -> None:
+    """PEFT's `preprocess_corda` with a callback feeding the first --corda_samples samples of --corda_data."""
+    try:
+        from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
+    except ImportError as err:  # PEFT's corda.py imports `attr` (the attrs package) without declaring it
+        raise UserError(f"--init_lora_weights corda: PEFT's CorDA cannot be imported ({err}); "
+                        "pip install attrs") from None
+
+    train = run.training_args
+    # one sample per forward: PEFT's covariance hook takes [1, tokens, dim] inputs (and no padding enters it)
+    loader = make_loader(run, train.corda_data, train.corda_image_folder or run.data_args.image_folder, 1,
+                         train.corda_samples)
+    _to_training_device(model, run)
+
+    @torch.no_grad()
+    def run_model():
+        was_training = model.training
+        model.eval()
+        for batch in loader:
+            batch = _to_model(batch, model)
+            batch.pop("labels", None)
+            model(**batch)
+        model.train(was_training)
+
+    print(f"corda ({train.corda_method}): layer-input covariances over {len(loader.dataset)} samples of "
+          f"{train.corda_data}")
+    peft_preprocess_corda(model, config, run_model=run_model)
+
+
+def initialize_eva(peft_model, run) -> None:
+    """PEFT's `initialize_lora_eva_weights` over the training set (in file order, the training batch size)."""
+    from peft import initialize_lora_eva_weights
+
+    train = run.training_args
+    loader = make_loader(run, run.data_args.data_path, run.data_args.image_folder, train.per_device_train_batch_size)
+    _to_training_device(peft_model, run)
+
+    def forward(model, inputs):
+        inputs = _to_model(inputs, model)
+        inputs.pop("labels", None)  # the label mask is PEFT's (prepare_model_inputs_fn); no loss needed
+        return model(**inputs)
+
+    was_training = peft_model.training
+    peft_model.eval()
+    with torch.no_grad():
+        initialize_lora_eva_weights(peft_model, loader, forward_fn=forward, gather_distributed_inputs=False,
+                                    show_progress_bar=False)
+    peft_model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def save_initial_adapter(peft_model, run) -> str:
+    """RUN_DIR/initial_lora_adapter: the adapter as initialised (PEFT needs it to convert every save)."""
+    path = os.path.join(os.path.abspath(run.training_args.output_dir), INITIAL_ADAPTER_DIR)
+    if run.training_args.process_index == 0:
+        peft_model.save_pretrained(path)
+    run.extras[INITIAL_ADAPTER_KEY] = path
+    return path
+
+
+def save_converted_adapter(peft_model, output_dir: str, initial_dir: str, state_dict=None) -> None:
+    """The trained adapter converted to a plain LoRA of the original base (PEFT), plus the adapter's non-LoRA
+    tensors PEFT's conversion leaves out, plus the unconverted adapter (for resuming)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    full = {k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(peft_model, state_dict=state_dict).items()}
+    import warnings
+
+    with warnings.catch_warnings():  # PEFT warns about the base-changing init while it converts it away
+        warnings.filterwarnings("ignore", message=r".*changes the base weights of the model.*")
+        warnings.filterwarnings("ignore", message=r".*corda_config. specified but will be ignored.*")
+        peft_model.save_pretrained(output_dir, state_dict=state_dict,
+                                   path_initial_model_for_weight_conversion=initial_dir)
+    config_path = os.path.join(output_dir, "adapter_config.json")  # a plain LoRA now: no CorDA settings left
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("corda_config") is not None:
+        config["corda_config"] = None
+        with open(config_path + ".tmp", "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        os.replace(config_path + ".tmp", config_path)
+    weights = os.path.join(output_dir, "adapter_model.safetensors")
+    converted = load_file(weights)
+    for key, value in full.items():
+        if key not in converted and "lora_A" not in key and "lora_B" not in key:
+            converted[key] = value
+    save_file(converted, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    save_file(full, os.path.join(output_dir, UNCONVERTED_ADAPTER_FILE + ".tmp"))
+    os.replace(os.path.join(output_dir, UNCONVERTED_ADAPTER_FILE + ".tmp"),
+               os.path.join(output_dir, UNCONVERTED_ADAPTER_FILE))
+
+
+def load_unconverted_adapter(peft_model, checkpoint_dir: str) -> bool:
+    """Resuming a run with a base-changing init: its unconverted adapter into the re-initialised model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint_dir, UNCONVERTED_ADAPTER_FILE)
+    if not os.path.isfile(path):
+        return False
+    result = set_peft_model_state_dict(peft_model, load_file(path))
+    if result.unexpected_keys:
+        raise UserError(f"{path}: adapter keys do not match this model ({result.unexpected_keys[:2]})")
+    return True
