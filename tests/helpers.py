@@ -54,3 +54,19 @@ def load_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def generate_two_answers(model_path, image_folder, work_dir, max_new_tokens: int) -> list[dict]:
+    """`llava-sculpt generate` on one image question and one text-only question; the answer rows."""
+    from llava_sculpt.cli import main
+
+    work_dir = Path(work_dir)
+    questions = work_dir / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 0, "image": "00002.png", "text": "What colour is the shape?"},
+        {"question_id": 1, "text": "What colour is red paint?"}]))
+    answers = work_dir / "answers.jsonl"
+    assert main(["generate", "--model-path", str(model_path), "--question-file", str(questions), "--image-folder",
+                 str(image_folder), "--answers-file", str(answers), "--max_new_tokens", str(max_new_tokens),
+                 "--batch-size", "2", "--no-progress"]) == 0
+    return [json.loads(line) for line in answers.read_text().splitlines()]

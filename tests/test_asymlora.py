@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import load_safetensors, run_train
+from helpers import generate_two_answers, load_safetensors, run_train
 from test_train import sample_inputs
 
 E = 3
@@ -265,15 +265,7 @@ def test_cli_run_logs_reloads_generates_and_refuses_merge(tiny_dir, tmp_path, ti
     assert torch.equal(got, got2)
     assert not torch.allclose(got, untrained, atol=1e-4)
 
-    questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in [
-        {"question_id": 0, "image": "00002.png", "text": "What colour is the shape?"},
-        {"question_id": 1, "text": "What colour is red paint?"}]))
-    answers = tmp_path / "answers.jsonl"
-    assert main(["generate", "--model-path", str(out), "--question-file", str(questions), "--image-folder",
-                 str(tiny_dir / "data" / "images"), "--answers-file", str(answers), "--max_new_tokens", "4",
-                 "--batch-size", "2", "--no-progress"]) == 0
-    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    rows = generate_two_answers(out, tiny_dir / "data" / "images", tmp_path, max_new_tokens=4)
     assert [r["question_id"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
 
     # a run resumed from checkpoint-2 (router and experts restored by the Trainer's PEFT loading) ends the same

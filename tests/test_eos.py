@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from helpers import run_train
+from helpers import generate_two_answers, run_train
 from llava_sculpt.data.conversation import (IGNORE_INDEX, VICUNA_V1, end_of_turn, render,
                                             tokenize_conversation)
 from llava_sculpt.errors import UserError
@@ -171,7 +171,6 @@ def test_trained_model_stops_at_eos_in_generate(tmp_path_factory):
     """Train the `<|im_end|>` tiny model briefly on one-word answers, then `llava-sculpt generate`: the model
     emits the answer and then the eos token (generation stops there, not at --max_new_tokens), and the answer
     text is the bare word."""
-    from llava_sculpt.cli import main
     from llava_sculpt.data.conversation import get_template
     from llava_sculpt.eval import generate as gen
     from llava_sculpt.model.tiny import build_tiny
@@ -190,15 +189,7 @@ def test_trained_model_stops_at_eos_in_generate(tmp_path_factory):
     run = root / "run"
     assert run_train(tiny, run, "--learning_rate", "1e-2", "--mm_projector_lr", "1e-2", steps=30) == 0
 
-    questions = root / "questions.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in [
-        {"question_id": 0, "image": "00002.png", "text": "What colour is the shape?"},
-        {"question_id": 1, "text": "What colour is red paint?"}]))
-    answers = root / "answers.jsonl"
-    assert main(["generate", "--model-path", str(run), "--question-file", str(questions), "--image-folder",
-                 str(tiny / "data" / "images"), "--answers-file", str(answers), "--max_new_tokens", "8",
-                 "--batch-size", "2", "--no-progress"]) == 0
-    texts = [json.loads(line)["text"] for line in answers.read_text().splitlines()]
+    texts = [row["text"] for row in generate_two_answers(run, tiny / "data" / "images", root, max_new_tokens=8)]
     assert texts == ["A", "A"]
 
     # generation itself stopped at the eos: answer token, eos, then only padding
@@ -206,7 +197,7 @@ def test_trained_model_stops_at_eos_in_generate(tmp_path_factory):
     proc = gen.left_padding_processor(processor)
     tok = proc.tokenizer
     assert gen.stop_token_ids(model, tok) == [tok.eos_token_id]
-    inputs = gen.encode_batch(proc, model.config, get_template("vicuna_v1"), gen.load_questions(str(questions)),
+    inputs = gen.encode_batch(proc, model.config, get_template("vicuna_v1"), gen.load_questions(str(root / "questions.jsonl")),
                               str(tiny / "data" / "images"), "pad")
     kwargs = gen.generation_kwargs(0.0, None, 1, 8, tok.pad_token_id, tok.eos_token_id)
     with torch.inference_mode():

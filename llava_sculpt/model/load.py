@@ -148,13 +148,18 @@ def load_projector(model, run_dir: str) -> bool:
     own = projector.state_dict()
     if set(state) != set(own):
         raise UserError(f"{path}: projector keys {sorted(state)} do not match the model's {sorted(own)}")
+    _copy_checked(state, own, path)
+    return True
+
+
+def _copy_checked(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str) -> None:
+    """own[k] <- state[k] (in own's dtype) for every key of `state`, after checking every shape."""
     for key, value in state.items():
         if own[key].shape != value.shape:
             raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value.to(own[key].dtype))
-    return True
 
 
 def save_partial_model(tensors: dict[str, torch.Tensor], out_dir: str, model_base: str, method: str) -> None:
@@ -193,12 +198,7 @@ def load_partial_model(model, run_dir: str) -> None:
     if unknown:
         raise UserError(f"{path}: tensors the model does not have (e.g. {unknown[:2]}); load it on the base it was "
                         "trained from")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-    with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value.to(own[key].dtype))
+    _copy_checked(state, own, path)
 
 
 def load_for_inference(model_path: str, model_base: str | None = None, dtype: torch.dtype = torch.float32,
