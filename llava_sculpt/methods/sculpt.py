@@ -198,8 +198,6 @@ class SculptMethod(FineTuningMethod):
                 task = self._task_grads.get(key)
                 self._task_grads[key] = grad.detach().float() if task is None else task + grad.detach().float()
                 self._carried[key] = self._carried.get(key, 0.0) + self._multiplier
-                if mask is not None:
-                    extra = extra * mask.to(device=extra.device, dtype=extra.dtype)
                 grad = grad + (self._multiplier * extra).to(device=grad.device, dtype=grad.dtype)
             return grad
         return hook
@@ -207,20 +205,16 @@ class SculptMethod(FineTuningMethod):
     # ------------------------------------------------------------------------------- DeepSpeed: fp32 grads
     def _add_to_fp32_grads(self, flats: set[int]) -> None:
         """Under DeepSpeed, right before the wrapped optimizer updates the flat fp32 masters `flats`: add the
-        CMR gradient (masked) to this rank's share of their fp32 gradient.  The ZeRO optimizer has already
+        (already masked) CMR gradient to this rank's share of their fp32 gradient.  The ZeRO optimizer has already
         clipped that gradient, so the CMR gradient is multiplied by the same clip factor: the update is the
         release's clip(task + CMR) up to the CMR's share of the clip norm (~(CMR/task)^2, e.g. 1e-10)."""
         zero_opt = self._zero_opt
         coef = clip_coefficient(zero_opt)
         for key, extra in self._pending.items():
-            param = self._params[key]
-            mask = self.masks.get(self.param_names[key])
-            for flat, flat_start, start, numel in local_fp32_grad_slices(zero_opt, param):
+            for flat, flat_start, start, numel in local_fp32_grad_slices(zero_opt, self._params[key]):
                 if id(flat) not in flats:
                     continue
                 part = extra.reshape(-1)[start:start + numel].to(device=flat.device, dtype=torch.float32)
-                if mask is not None:
-                    part = part * mask.reshape(-1)[start:start + numel].to(device=part.device, dtype=part.dtype)
                 target = flat.grad.narrow(0, flat_start, numel)
                 # for cmr_grad_ratio: the task gradient before clipping, over the regularised entries
                 self._ratio_sq[0] += float(target.double().square().sum()) / coef ** 2
@@ -252,8 +246,11 @@ class SculptMethod(FineTuningMethod):
             for layer in layers:
                 value, grad_a, grad_b = self._penalty(layer, kind)
                 total += weight * value
-                self._pending[id(layer.lora_A)] = weight * grad_a
-                self._pending[id(layer.lora_B)] = weight * grad_b
+                for param, grad in ((layer.lora_A, grad_a), (layer.lora_B, grad_b)):
+                    mask = self.masks.get(self.param_names[id(param)])
+                    # pruned entries take no CMR gradient either (masks only change between optimizer steps)
+                    grad = grad if mask is None else grad * mask.to(device=grad.device, dtype=grad.dtype)
+                    self._pending[id(param)] = weight * grad
         self._pending_value = total
 
     def extra_loss(self, model) -> torch.Tensor | None:
@@ -307,8 +304,6 @@ class SculptMethod(FineTuningMethod):
             task_sq += float(task.double().square().sum())
             extra = self._pending.get(key)
             if extra is not None:
-                mask = self.masks.get(self.param_names[key])
-                extra = extra if mask is None else extra * mask.to(device=extra.device, dtype=extra.dtype)
                 cmr_sq += self._carried.get(key, 0.0) ** 2 * float(extra.double().square().sum())
         self._task_grads.clear()
         self._carried.clear()
