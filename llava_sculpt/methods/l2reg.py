@@ -32,7 +32,7 @@ import torch
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import inject_lora
-from llava_sculpt.methods.zero import gathered, is_zero3, unwrap
+from llava_sculpt.methods.zero import full_shape, gathered, unwrap
 
 
 @dataclass
@@ -97,7 +97,7 @@ class L2Method(FineTuningMethod):
             with torch.no_grad(), gathered(list(params.values())):
                 self.theta0 = {n: p.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
                                .clone() for n, p in params.items()}
-        elif set(self.theta0) != set(params) or any(self.theta0[n].shape != _full_shape(p) for n, p in params.items()):
+        elif set(self.theta0) != set(params) or any(self.theta0[n].shape != full_shape(p) for n, p in params.items()):
             missing = sorted(set(params) - set(self.theta0))[:2]
             extra = sorted(set(self.theta0) - set(params))[:2]
             raise UserError("--method l2: the saved reference weights (method_state.safetensors of the checkpoint "
@@ -119,7 +119,3 @@ class L2Method(FineTuningMethod):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.theta0 = {k: v.clone() for k, v in state.items()}
         self._bound = None
-
-
-def _full_shape(p: torch.Tensor) -> torch.Size:
-    return p.ds_shape if is_zero3(p) else p.shape

@@ -31,7 +31,7 @@ import torch
 
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
-from llava_sculpt.methods.zero import local_fp32_grad_slices, unwrap, zero_optimizer
+from llava_sculpt.methods.zero import full_shape, local_fp32_grad_slices, unwrap, zero_optimizer
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -40,10 +40,6 @@ def decoder_layers(model) -> torch.nn.ModuleList:
         if name.endswith("language_model.layers") and isinstance(module, torch.nn.ModuleList):
             return module
     raise UserError("the model has no language_model.layers: is this a Hugging Face LLaVA checkpoint?")
-
-
-def _full_shape(param) -> torch.Size:
-    return param.ds_shape if hasattr(param, "ds_id") else param.shape
 
 
 def _flat_of(zero_opt, param) -> torch.Tensor:
@@ -147,7 +143,7 @@ class LastLayersMethod(FineTuningMethod):
         for name, param in unwrap(model).named_parameters():
             if not param.requires_grad:
                 continue
-            shape = _full_shape(param)
+            shape = full_shape(param)
             numel = shape.numel()
             if self._zero_opt is None:
                 tracked.append(Tracked(name, param, shape, numel, id(param), 0, numel))

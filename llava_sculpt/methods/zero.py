@@ -18,6 +18,11 @@ def is_zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's real shape, also when ZeRO-3 has partitioned it (its `.shape` is then empty)."""
+    return param.ds_shape if is_zero3(param) else param.shape
+
+
 def gathered(params: Sequence[torch.Tensor], modify: bool = False):
     """Full values of ZeRO-3 partitioned `params` inside the block.  With `modify`, in-place changes made
     inside the block are kept (rank 0's values are broadcast and re-partitioned on exit)."""
