@@ -127,6 +127,19 @@ class TrainingArguments(transformers.TrainingArguments):
                               "choices": ["kpm", "ipm"]})
     corda_samples: int = field(default=256, metadata={"help": "how many --corda_data samples (the first ones) "
                                "the covariances are collected over"})
+    eval_benchmarks: str = field(default="", metadata={"help": "evaluation during training: comma-separated "
+                                 "benchmark specs of `llava-sculpt eval` (names in eval/*.json, e.g. okvqa,gqa,iconqa, "
+                                 "or spec files), scored at each --eval_every point into RUN_DIR/eval_curve.jsonl "
+                                 "(default: empty = off). See llava_sculpt/eval/during_training.py"})
+    eval_data_root: str | None = field(default=None, metadata={"help": "the DATA_ROOT the --eval_benchmarks specs "
+                                       "resolve against (required with --eval_benchmarks)"})
+    eval_max_questions: int | None = field(default=None, metadata={"help": "only the first N questions of each "
+                                           "--eval_benchmarks benchmark (default: all)"})
+    eval_every: str = field(default="epoch", metadata={"help": "when --eval_benchmarks are scored: 'epoch' (at each "
+                            "epoch end, the default) or N (every N optimizer steps); also at the last step, and at "
+                            "step 0 with --eval_on_start True. Generation batch size: --per_device_eval_batch_size"})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "--eval_benchmarks: generation length "
+                                            "(default: each spec's max_new_tokens)"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -574,6 +587,7 @@ HOUSEKEEPING_ARGS = frozenset({
     "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
     "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval",
     "do_predict", "torch_empty_cache_steps",
+    "eval_benchmarks", "eval_data_root", "eval_max_questions", "eval_every", "eval_max_new_tokens",
 })
 
 
@@ -743,6 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet.keep_deepspeed_notices()
     if check_finished_run(model_args, data_args, training_args, method):
         return 0
+    from llava_sculpt.eval import during_training
+
+    eval_plan = during_training.plan_from_args(training_args, data_args)  # --eval_benchmarks, checked before loading
     check_hf_llava_dir(model_args.model_name_or_path, "--model_name_or_path")
     processor = load_processor(model_args.model_name_or_path)
     from transformers import AutoConfig
@@ -765,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  method=method, run=run)
     run.trainer = trainer
     trainer.add_callback(MethodCallback(method, run))
+    if eval_plan is not None:  # after the method's callback: a step's masks are applied before it is scored
+        trainer.add_callback(during_training.make_callback(eval_plan, processor, training_args.output_dir, resume))
     trainer.train(resume_from_checkpoint=resume)
     finalise(trainer, run, method, training_args.output_dir)
     if trainer.args.should_save:

@@ -106,3 +106,75 @@ def test_report_training_curves_for_any_run(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     assert "(8 logged steps; loss, sculpt_penalty, cmr_grad_ratio)" in capsys.readouterr().out
     assert (tmp_path / "training.png").stat().st_size > small
+
+
+# ------------------------------------------------------------------------- Fig. 3: eval_curve.jsonl
+def _curve(run_dir, values, method="lora", rank=16, roles=None):
+    """An eval_curve.jsonl with one point per epoch: values = [(source_mean, target), ...]."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    roles = roles or {"okvqa": "source", "iconqa": "target"}
+    lines = []
+    for epoch, (source, target) in enumerate(values):
+        scores = {name: (source if role == "source" else target) for name, role in roles.items()}
+        lines.append(json.dumps({"step": 10 * epoch, "epoch": float(epoch), "scores": scores, "roles": roles,
+                                 "num_questions": {name: 8 for name in roles}, "source_mean": source,
+                                 "target": target, "seconds": 0.5}))
+    (run_dir / "eval_curve.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "run_args.json").write_text(json.dumps({"method": method, "training_args": {"lora_r": rank}}))
+    return run_dir
+
+
+def test_report_eval_curves_of_several_runs(tmp_path, capsys):
+    lora = _curve(tmp_path / "lora", [(70, 20), (50, 60), (40, 75)])
+    sculpt = _curve(tmp_path / "sculpt", [(70, 20), (66, 58), (64, 72)], method="sculpt")
+    assert main([str(lora), str(sculpt)]) == 0  # runs with only a curve: no sparsity.json needed
+    out = capsys.readouterr().out
+    assert "LoRA r=16: 3 points" in out and "LoRASculpt r=16: 3 points" in out
+    assert (lora / "eval_curve.png").read_bytes().startswith(PNG_MAGIC)
+    assert sorted(os.listdir(sculpt)) == ["eval_curve.jsonl", "run_args.json"]
+    target = tmp_path / "fig3.png"
+    assert main([str(lora), str(sculpt), "--labels", "plain", "ours", "--curve-out", str(target)]) == 0
+    assert "plain: 3 points" in capsys.readouterr().out and target.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(UserError, match="--labels: 1 label"):
+        main([str(lora), str(sculpt), "--labels", "one"])
+
+
+def test_report_keeps_single_run_figures_next_to_the_curve(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    run_dir = _run_dir(tmp_path / "run")
+    _curve(run_dir, [(60, 10), (55, 40)])
+    assert main([str(run_dir), "--out", str(tmp_path / "sp.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'sp.png'}" in out and "eval curves (1 run(s)" in out
+    assert (tmp_path / "sp.png").read_bytes().startswith(PNG_MAGIC)
+    assert (run_dir / "eval_curve.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_eval_curves_groups_with_bands(tmp_path):
+    from llava_sculpt.report import plot_eval_curves
+
+    groups = {"LoRA": [_curve(tmp_path / f"lora{s}", [(70, 20), (50 + s, 60 - s)]) for s in range(3)],
+              "LoRASculpt": [_curve(tmp_path / f"sculpt{s}", [(70, 20), (65 - s, 58 + s)]) for s in range(3)]}
+    for band in ("minmax", "std", "none"):
+        out = tmp_path / f"{band}.png"
+        assert plot_eval_curves(groups, str(out), band=band) == {"LoRA": {"runs": 3, "points": 6},
+                                                                 "LoRASculpt": {"runs": 3, "points": 6}}
+        assert out.read_bytes().startswith(PNG_MAGIC)
+    # a curve without target benchmarks: the target panel says so instead of failing
+    only_source = _curve(tmp_path / "src", [(70, None), (60, None)], roles={"okvqa": "source"})
+    assert plot_eval_curves({"src": [only_source]}, str(tmp_path / "src.png"))["src"]["points"] == 2
+    with pytest.raises(UserError, match="band must be one of"):
+        plot_eval_curves(groups, str(tmp_path / "x.png"), band="iqr")
+
+
+@pytest.mark.parametrize("line,field", [("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                        ('{"epoch": 1.0, "scores": {}}', "'step'"),
+                                        ('{"step": 3, "epoch": 1.0, "scores": {"okvqa": "high"}}', "'scores'"),
+                                        ('{"step": 3, "epoch": 1.0, "scores": {}, "target": "x"}', "'target'")])
+def test_report_malformed_eval_curve_names_file_and_line(tmp_path, line, field):
+    run_dir = _curve(tmp_path / "run", [(70, 20)])
+    with open(run_dir / "eval_curve.jsonl", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(UserError) as err:
+        main([str(run_dir)])
+    assert f"{run_dir / 'eval_curve.jsonl'}, line 2" in str(err.value) and field in str(err.value)

@@ -472,9 +472,13 @@ def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, m
 def generate_answers(model, processor, questions: Sequence[Question], answers_file: str, batch_size: int = 8,
                      image_folder: str | None = None, conv_mode: str = "vicuna_v1", image_aspect_ratio: str = "pad",
                      temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
-                     max_new_tokens: int = 128, model_id: str = "llava", progress: bool = True) -> int:
+                     max_new_tokens: int = 128, model_id: str = "llava", progress: bool = True,
+                     inference_mode: bool = True) -> int:
     """Answer the `questions` not yet in `answers_file`, appending one LLaVA answer line per question (in
-    question order, flushed after every batch).  Returns the number of new answers."""
+    question order, flushed after every batch).  Returns the number of new answers.  `inference_mode=False`
+    runs under torch.no_grad instead of torch.inference_mode (same answers): for a model that goes on
+    training afterwards (evaluation during training), which must not keep inference tensors in its buffers
+    or in DeepSpeed ZeRO-3's gathered parameters."""
     import torch
     from tqdm import tqdm
 
@@ -511,7 +515,7 @@ def generate_answers(model, processor, questions: Sequence[Question], answers_fi
             inputs = {k: v.to(device) for k, v in inputs.items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            with torch.inference_mode():
+            with torch.inference_mode() if inference_mode else torch.no_grad():
                 output_ids = model.generate(**inputs, **gen_kwargs)
             new_tokens = output_ids[:, inputs["input_ids"].shape[1]:]  # [B, <= max_new_tokens]
             texts = [clean_answer(row, tokenizer, stop_ids, stop_texts) for row in new_tokens.tolist()]

@@ -175,6 +175,33 @@ def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
                 shutil.copyfileobj(f, out)
 
 
+def benchmark_questions(specs: Sequence[BenchmarkSpec], max_questions: int | None = None) -> list[tuple]:
+    """[(spec, its first `max_questions` questions)], every question's image checked: the driver's (and
+    evaluation during training's) validation of the benchmarks' data, before any generation."""
+    from llava_sculpt.eval.generate import check_images, load_questions
+
+    work = []
+    for spec in specs:
+        questions = load_questions(spec.question_file)[:max_questions]
+        check_images(questions, spec.image_folder, spec.question_file)
+        work.append((spec, questions))
+    return work
+
+
+def generate_benchmark(model, processor, spec: BenchmarkSpec, questions, answers_file: str, batch_size: int,
+                       image_aspect_ratio: str = "pad", max_new_tokens: int | None = None,
+                       conv_mode: str | None = None, model_id: str = "llava", progress: bool = True,
+                       inference_mode: bool = True) -> int:
+    """Answer one benchmark's `questions` with a loaded model, as the driver does: the spec's template and
+    max_new_tokens unless overridden, greedy decoding; appends to (resumes) `answers_file`."""
+    from llava_sculpt.eval.generate import generate_answers
+
+    return generate_answers(model, processor, questions, answers_file, batch_size, spec.image_folder,
+                            conv_mode or spec.conv_mode, image_aspect_ratio,
+                            max_new_tokens=max_new_tokens or spec.max_new_tokens, model_id=model_id,
+                            progress=progress, inference_mode=inference_mode)
+
+
 class Generator:
     """Generates the answers of one benchmark, in this process (model loaded once) or one process per GPU.
     `log` prints one progress line (the driver's stage lines)."""
@@ -193,7 +220,7 @@ class Generator:
         return self._model
 
     def run(self, spec: BenchmarkSpec, questions, answers_file: str) -> None:
-        from llava_sculpt.eval.generate import generate_answers, model_name, pending_questions
+        from llava_sculpt.eval.generate import model_name, pending_questions
 
         args = self.args
         max_new_tokens = args.max_new_tokens or spec.max_new_tokens
@@ -209,9 +236,9 @@ class Generator:
             return
         model, processor = self.model()
         self.log(f"{spec.name}: generating {len(pending)} answer(s){resumed}")
-        generate_answers(model, processor, questions, answers_file, args.batch_size, spec.image_folder, conv_mode,
-                         args.image_aspect_ratio, max_new_tokens=max_new_tokens,
-                         model_id=model_name(args.model_path), progress=not args.no_progress)
+        generate_benchmark(model, processor, spec, questions, answers_file, args.batch_size, args.image_aspect_ratio,
+                           max_new_tokens=args.max_new_tokens, conv_mode=args.conv_mode,
+                           model_id=model_name(args.model_path), progress=not args.no_progress)
 
     def _run_chunked(self, spec: BenchmarkSpec, answers_file: str, max_new_tokens: int, conv_mode: str,
                      num_questions: int) -> None:
@@ -300,8 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llava_sculpt.eval.generate import check_images, load_questions
-
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data-root / DATA_ROOT {args.data_root} is not a folder; expected the folder holding one "
@@ -325,11 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not specs:
         raise UserError("no benchmarks given (names of specs in eval/, or spec files).")
     eval_dir = args.eval_dir or os.path.join(args.model_path, "eval")
-    work = []
-    for spec in specs:  # validate every benchmark's data before any generation
-        questions = load_questions(spec.question_file)[:args.max_questions]
-        check_images(questions, spec.image_folder, spec.question_file)
-        work.append((spec, questions))
+    work = benchmark_questions(specs, args.max_questions)  # validate every benchmark's data before any generation
     if args.overwrite and args.adopt:
         raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
     claim_eval_dir(args, eval_dir, work)
