@@ -1,7 +1,9 @@
-# Two entry points for a fresh machine (see README):
-#   make demo   the main job end to end on the embedded tiny model (CPU, a few minutes)
-#   make demo-forgetting   the paper's trade-off in miniature (~5 min)
-#   make test   the test suite
+# Entry points for a fresh machine (see README):
+#   make demo          the paper's Table 1 in miniature on CPU: a tiny LLaVA pre-trained on four source skills,
+#                      LoRA and LoRASculpt x 2 ranks x 3 seeds on the IconQA-style target (<= 10 min)
+#   make table1-tiny   every --method x 2 ranks x 3 seeds x both targets, with the LoRASculpt ablation
+#   make bench         speed / memory ratios of LoRASculpt's pieces, side by side
+#   make test          the test suite
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
 # so pip never resolves a newer (CUDA, multi-GB) torch.  PYTHON picks the interpreter for the venv.
 PYTHON ?= python3
@@ -9,7 +11,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llava-sculpt-installed
 
-.PHONY: install demo demo-forgetting test clean-demo
+.PHONY: install demo table1-tiny test clean-demo bench
 
 install: $(STAMP)
 
@@ -22,13 +24,17 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo_tiny.sh
+	$(VENV)/bin/llava-sculpt demo --out playground/demo
 
-demo-forgetting: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo_forgetting_tiny.sh
+table1-tiny: $(STAMP)
+	$(VENV)/bin/llava-sculpt demo --out playground/table1_tiny --methods all --target iconqa,coco --ablation \
+	  --epochs 3 --questions 100
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf playground/demo playground/demo_forgetting
+	rm -rf playground/demo playground/table1_tiny playground/tiny_world
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py

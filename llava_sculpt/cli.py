@@ -11,6 +11,8 @@ from llava_sculpt.errors import run_cli
 # subcommand -> (module, one-line help).  Modules are imported lazily: `--help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llava_sculpt.train", "fine-tune LLaVA-1.5 (LLaVA's flags + HF TrainingArguments + --method)"),
+    "demo": ("llava_sculpt.demo", "the paper's Table 1 in miniature on CPU: tiny LLaVA, synthetic world, seeds, figures"),
+    "world": ("llava_sculpt.demo:world_main", "build or reuse the demo's pre-trained tiny model and synthetic benchmarks"),
     "tiny": ("llava_sculpt.model.tiny", "build the embedded tiny LLaVA-1.5-shaped model and synthetic data"),
     "convert": ("llava_sculpt.model.convert", "convert an original LLaVA-1.5 checkpoint to Hugging Face format"),
     "merge": ("llava_sculpt.merge", "merge a trained adapter (+ projector) into a plain HF checkpoint"),
@@ -41,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"llava-sculpt: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return run_cli(module.main, rest)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return run_cli(getattr(module, function or "main"), rest)
 
 
 if __name__ == "__main__":

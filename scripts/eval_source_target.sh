@@ -3,6 +3,12 @@
 # (IconQA or COCO-Caption), then print its row of the paper's Table 1.
 #
 #   DATA_ROOT=/data/eval scripts/eval_source_target.sh MODEL_PATH [TARGET]
+#   scripts/eval_source_target.sh            (no DATA_ROOT, no MODEL_PATH: the embedded default, below)
+#
+# With neither MODEL_PATH nor DATA_ROOT given, the script evaluates the embedded default: the run that
+# `bash scripts/finetune_${METHOD:-sculpt}_${TARGET:-iconqa}.sh` wrote with no path variables set
+# (${RUNS_DIR:-playground/runs}/${METHOD}_${TARGET}_r${LORA_R}_tiny) on the synthetic world's benchmarks (`llava-sculpt
+# world`), on CPU, and says so on its first line.
 #
 # MODEL_PATH  a `llava-sculpt train` run / checkpoint dir (adapter + projector, no merge needed; give
 #             MODEL_BASE when the adapter's recorded base is not a local folder) or a merged HF checkpoint.
@@ -10,6 +16,7 @@
 # Variables:
 #   DATA_ROOT      required: DATA_ROOT/{okvqa,ocrvqa,gqa,textvqa,iconqa,coco} are `llava-sculpt prepare`
 #                  output folders (see eval/*.json for the files each benchmark uses)
+#   WORLD_DIR      embedded default only: the tiny model and its data (default playground/tiny_world)
 #   EVAL_DIR       run directory for run_meta.json, answers/, scores/ (default MODEL_PATH/eval)
 #   MODEL_BASE     base checkpoint of an adapter
 #   METHOD, LORA_R   run_meta.json values (default: run_args.json "method" and training_args.lora_r)
@@ -29,18 +36,35 @@
 # Rerunning resumes: answered questions are skipped, complete benchmarks are only re-scored.
 set -euo pipefail
 
-if [ $# -lt 1 ] || [ $# -gt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+if [ $# -gt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] || { [ $# -eq 0 ] && [ -n "${DATA_ROOT:-}" ]; }; then
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
-MODEL_PATH=$1
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ $# -eq 0 ]; then
+    METHOD=${METHOD:-sculpt} TARGET=${TARGET:-iconqa} LORA_R=${LORA_R:-32}
+    [ -z "${RUNS_DIR:-}" ] || RUNS_DIR=$(realpath -m -s -- "$RUNS_DIR")
+    MODEL_PATH="${RUNS_DIR:-$(dirname "$HERE")/playground/runs}/${METHOD}_${TARGET}_r${LORA_R}_tiny"
+    echo "no MODEL_PATH and no DATA_ROOT: evaluating the embedded default ($MODEL_PATH on the synthetic world," \
+         "CPU). For LLaVA-1.5-7B: DATA_ROOT=/data/eval $0 MODEL_PATH [TARGET]." >&2
+    [ -d "$MODEL_PATH" ] || { echo "error: $MODEL_PATH does not exist; train it first with" \
+        "\`METHOD=$METHOD LORA_R=$LORA_R bash scripts/finetune_${METHOD}_${TARGET}.sh\` (no path variables set)" >&2; exit 2; }
+    [ -z "${WORLD_DIR:-}" ] || WORLD_DIR=$(realpath -m -s -- "$WORLD_DIR")
+    world=$(cd "$(dirname "$HERE")" && "${PYTHON:-python}" -m llava_sculpt.cli world --shell \
+            --world-dir "${WORLD_DIR:-$(dirname "$HERE")/playground/tiny_world}" \
+            --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET") || { echo "error: could not build the embedded default" >&2; exit 2; }
+    eval "$world"
+    NUM_GPUS=0 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$([ "$TARGET" = coco ] && echo 24 || echo 10)}
+    unset MODEL_BASE
+    MODEL_BASE=
+fi
+[ $# -eq 0 ] || MODEL_PATH=$1
 TARGET=${2:-${TARGET:-}}
 if [ -z "${DATA_ROOT:-}" ]; then
     echo "error: set DATA_ROOT to the folder holding the prepared benchmarks (DATA_ROOT/okvqa, DATA_ROOT/gqa, ...," >&2
     echo "       each the --out-dir of \`llava-sculpt prepare\`), e.g. DATA_ROOT=/data/eval $0 $*" >&2
     exit 2
 fi
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
 resolve_paths MODEL_PATH DATA_ROOT EVAL_DIR MODEL_BASE SPEC_DIR
 resolve_command PYTHON

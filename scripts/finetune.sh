@@ -7,6 +7,12 @@
 # Usage:  METHOD=sculpt TARGET=iconqa bash scripts/finetune.sh [extra llava-sculpt train flags...]
 # Variables (paths are relative to the folder you run the script from, like any command's; the inputs are
 # checked, with a message naming the variable and the path, before anything is created):
+# With none of MODEL_BASE, DATA_PATH, IMAGE_FOLDER set, the script runs on the EMBEDDED DEFAULT: the demo's
+# pre-trained tiny LLaVA and the synthetic TARGET world (`llava-sculpt world`, built once into
+# playground/tiny_world, ~2 min on 2 CPU cores), on CPU, with the demo's settings for the tiny model
+# (`llava-sculpt world --shell --train-flags METHOD` prints them) and OUTPUT_DIR
+# ${RUNS_DIR:-playground/runs}/${METHOD}_${TARGET}_r${LORA_R}_tiny; it says so on its first line.
+#   WORLD_DIR      embedded default only: where the tiny model and its data are (default playground/tiny_world)
 #   MODEL_BASE     HF LLaVA-1.5 checkpoint folder (llava-1.5-7b-hf, or `llava-sculpt convert` output)
 #   DATA_PATH      LLaVA training JSON of the target task (`llava-sculpt prepare TARGET ...` writes train.json)
 #   IMAGE_FOLDER   folder the JSON's image paths are relative to
@@ -21,11 +27,26 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 source "$HERE/_paths.sh"
-resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG
+resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG WORLD_DIR RUNS_DIR
 
 METHOD=${METHOD:-lora}
 TARGET=${TARGET:-iconqa}
 LORA_R=${LORA_R:-32}
+TINY_TRAIN_FLAGS=()
+if [ -z "${MODEL_BASE:-}${DATA_PATH:-}${IMAGE_FOLDER:-}" ]; then
+  echo "MODEL_BASE, DATA_PATH and IMAGE_FOLDER are not set: fine-tuning the embedded default (the demo's pre-trained" \
+       "tiny LLaVA on the synthetic $TARGET world, CPU). For LLaVA-1.5-7B set MODEL_BASE=checkpoints/llava-1.5-7b-hf" \
+       "DATA_PATH=playground/data/$TARGET/train.json IMAGE_FOLDER=<its image folder>." >&2
+  world=$(cd "$REPO" && python -m llava_sculpt.cli world --shell --world-dir "${WORLD_DIR:-$REPO/playground/tiny_world}" \
+          --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET" \
+          --target "$TARGET" --train-flags "$METHOD") || script_error "could not build the embedded default (llava-sculpt world)"
+  eval "$world"
+  target_upper=$(echo "$TARGET" | tr '[:lower:]' '[:upper:]')
+  data_var=${target_upper}_DATA_PATH image_var=${target_upper}_IMAGE_FOLDER
+  MODEL_BASE=$MODEL_BASE DATA_PATH=${!data_var} IMAGE_FOLDER=${!image_var}
+  OUTPUT_DIR=${OUTPUT_DIR:-${RUNS_DIR:-$REPO/playground/runs}/${METHOD}_${TARGET}_r${LORA_R}_tiny}
+  NUM_GPUS=0
+fi
 need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint, e.g. MODEL_BASE=checkpoints/llava-1.5-7b-hf"
 need_file DATA_PATH "the LLaVA training JSON, e.g. DATA_PATH=playground/data/${TARGET}/train.json"
 need_dir IMAGE_FOLDER "the folder its image paths are relative to"
@@ -60,6 +81,6 @@ if [ "$NUM_GPUS" -gt 0 ]; then
   exec deepspeed --num_gpus "$NUM_GPUS" "$REPO/llava_sculpt/train.py" "${args[@]}" \
     --deepspeed "$DS_CONFIG" --bf16 True --tf32 True --attn_implementation "${ATTN:-sdpa}" "$@"
 else
-  echo "no GPU: CPU run without DeepSpeed, fp32 (use the embedded model: see README)" >&2
-  exec python -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "$@"
+  [ ${#TINY_TRAIN_FLAGS[@]} -gt 0 ] || echo "no GPU: CPU run without DeepSpeed, fp32 (use the embedded model: see README)" >&2
+  exec python -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "${TINY_TRAIN_FLAGS[@]}" "$@"
 fi

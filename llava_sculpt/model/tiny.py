@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +56,30 @@ _TEMPLATE_TEXT = (
 )
 
 
-def build_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN):
+@dataclass(frozen=True)
+class TinyShape:
+    """Sizes of a tiny LLaVA-1.5-shaped model; `test` is the tests' default, `demo` the demo's (world.py)."""
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 2
+    heads: int = 4
+    vocab_size: int = 400
+    world_vocabulary: bool = False  # train the tokenizer on the demo world's words too
+
+
+SHAPE_PRESETS = {
+    "test": TinyShape(),
+    # ~0.6M parameters: 48x48 images (36 patches), big enough to learn the world's four source skills
+    "demo": TinyShape(image_size=48, patch_size=8, vision_hidden=64, vision_layers=3, text_hidden=128,
+                      text_intermediate=256, text_layers=2, heads=4, vocab_size=1024, world_vocabulary=True),
+}
+
+
+def build_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN, shape: TinyShape = SHAPE_PRESETS["test"]):
     """Train a byte-level BPE tokenizer on the template and task vocabulary (no network); `eos_token` takes
     `</s>`'s place (same id) among the special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -63,11 +87,16 @@ def build_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN):
 
     words = " ".join(list(COLOURS) + list(SHAPES))
     corpus = [_TEMPLATE_TEXT, words, _TEMPLATE_TEXT.lower(), words.upper()] * 4
+    if shape.world_vocabulary:  # whole words as single tokens keep the demo's sequences short
+        from llava_sculpt.data.world import VOCABULARY
+
+        world = " ".join(VOCABULARY)
+        corpus += [world, world.lower(), " " + world] * 8 + [_TEMPLATE_TEXT] * 8
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[eos_token if t == EOS_TOKEN else t for t in SPECIAL_TOKENS],
+        vocab_size=shape.vocab_size, special_tokens=[eos_token if t == EOS_TOKEN else t for t in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
@@ -81,18 +110,22 @@ def build_tokenizer(seed: int = 0, eos_token: str = EOS_TOKEN):
     )
 
 
-def build_tiny_model(seed: int = 0, eos_token: str = EOS_TOKEN):
-    """Return (model, processor) with the LLaVA-1.5 architecture at toy size, weights from `seed`; the
-    tokenizer's, the config's and the generation config's eos is `eos_token`."""
+def build_tiny_model(seed: int = 0, eos_token: str = EOS_TOKEN, shape: TinyShape | str = "test"):
+    """Return (model, processor) with the LLaVA-1.5 architecture at toy size (`shape`: a TinyShape or a
+    SHAPE_PRESETS name), weights from `seed`; the tokenizer's, the config's and the generation config's eos
+    is `eos_token`."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tokenizer = build_tokenizer(seed, eos_token)
-    image_size, patch_size = 32, 8
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch_size, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    shape = SHAPE_PRESETS[shape] if isinstance(shape, str) else shape
+    tokenizer = build_tokenizer(seed, eos_token, shape)
+    image_size, patch_size = shape.image_size, shape.patch_size
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=2 * shape.vision_hidden,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.heads,
+                              image_size=image_size, patch_size=patch_size, projection_dim=shape.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape.text_hidden,
+                       intermediate_size=shape.text_intermediate, num_hidden_layers=shape.text_layers,
+                       num_attention_heads=shape.heads, num_key_value_heads=shape.heads, max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     num_patches = (image_size // patch_size) ** 2
@@ -166,15 +199,16 @@ def write_synthetic_train(data_dir: Path, seed: int = 0, num_samples: int = 24) 
 
 
 def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pretrain_steps: int = 0,
-               eos_token: str = EOS_TOKEN) -> Path:
+               eos_token: str = EOS_TOKEN, shape: str = "test") -> Path:
     out = Path(output_dir)
-    model, processor = build_tiny_model(seed, eos_token)
+    torch.manual_seed(seed)
+    model, processor = build_tiny_model(seed, eos_token, shape)
     if pretrain_steps:
-        from llava_sculpt.model.pretrain_tiny import pretrain
+        from llava_sculpt.model.pretrain_tiny import pretrain_world
 
-        losses = pretrain(model, processor, out / "data", pretrain_steps, seed)
-        print(f"pretrained the tiny model for {pretrain_steps} steps on general synthetic tasks: "
-              f"loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        losses = pretrain_world(model, processor, pretrain_steps, seed)
+        print(f"pretrained the tiny model for {pretrain_steps} steps on the source skills of the synthetic world "
+              f"(data/world.py): loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
@@ -195,13 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output-dir", required=True, help="where to write model/ and data/")
     p.add_argument("--seed", type=int, default=0, help="weights, tokenizer and data seed (default 0)")
     p.add_argument("--num-samples", type=int, default=24, help="synthetic training samples (default 24)")
+    p.add_argument("--shape", default="test", choices=sorted(SHAPE_PRESETS), help="model size: test (164k "
+                   "parameters, 32 px images; what the tests use) or demo (~0.7M, 48 px; what `llava-sculpt demo` "
+                   "pre-trains) (default test)")
     p.add_argument("--pretrain-steps", type=int, default=0, help="train the random model this many steps on "
-                   "general synthetic tasks (colour questions, captions) so that forgetting can be measured "
-                   "(default 0: random weights, what the tests use)")
+                   "the four source skills of the synthetic world (data/world.py) so that forgetting can be "
+                   "measured; `llava-sculpt demo` uses 800 with --shape demo (default 0: random weights)")
     p.add_argument("--eos-token", default=EOS_TOKEN, help="the tokenizer's eos (end-of-turn) token, e.g. "
                    "'<|im_end|>' to test a non-Vicuna tokenizer (default </s>, as LLaVA-1.5)")
     args = p.parse_args(argv)
-    out = build_tiny(args.output_dir, args.seed, args.num_samples, args.pretrain_steps, args.eos_token)
+    out = build_tiny(args.output_dir, args.seed, args.num_samples, args.pretrain_steps, args.eos_token, args.shape)
     print(f"tiny LLaVA-1.5-shaped model: {out / 'model'}\ntraining JSON: {out / 'data' / 'train.json'} "
           f"(--image_folder {out / 'data' / 'images'})")
     return 0

@@ -1,0 +1,125 @@
+"""The demo's synthetic world (data/world.py): deterministic, in the official raw formats (the converters
+accept it unchanged), with answers that follow the world's rules, and a shortened `llava-sculpt demo`."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_sculpt.data import world
+
+TASKS = ("okvqa", "ocrvqa", "gqa", "textvqa", "iconqa", "coco")
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_examples_are_deterministic_per_seed(task):
+    a, b = world.examples(task, "test", 3, 6), world.examples(task, "test", 3, 6)
+    assert [e.qa for e in a] == [e.qa for e in b]
+    assert [_png(e.image) for e in a] == [_png(e.image) for e in b]
+    other = world.examples(task, "test", 4, 6)
+    assert [_png(e.image) for e in a] != [_png(e.image) for e in other]
+    # the pre-training split never repeats the evaluation split's draws
+    assert [_png(e.image) for e in a] != [_png(e.image) for e in world.examples(task, "pretrain", 3, 6)]
+
+
+def test_answers_follow_the_world_rules():
+    for e in world.examples("okvqa", "test", 0, 30):
+        question, answer = e.qa[0]
+        assert answer == world.OBJECT_FACTS[e.extra["shape"]][world.FACT_QUESTIONS.index(question)]
+    for e in world.examples("ocrvqa", "test", 0, 30):
+        assert e.qa[0][1] == e.extra["title"] and e.qa[1][1] == e.extra["genre"]
+        # the cover's colour (its most frequent pixel: the label is at most a third) is the genre's colour
+        cover = max(e.image.getcolors(48 * 48))[1]
+        assert world.GENRES[[c for c, rgb in world.COLOURS.items() if rgb == cover][0]] == e.extra["genre"]
+    for e in world.examples("gqa", "test", 0, 30):
+        question, answer = e.qa[0]
+        (s1, c1), (s2, c2) = e.extra["left"], e.extra["right"]
+        if "left or to the right" in question:
+            assert answer == ("left" if question.startswith(f"Is the {s1} ") else "right")
+        elif question.startswith("Which shape"):
+            assert answer == (s1 if "left" in question else s2)
+        else:
+            assert answer == (c1 if "left" in question else c2)
+    for e in world.examples("iconqa", "test", 0, 30):
+        shape = e.qa[0][1]
+        assert e.extra["choices"] == list(world.SHAPES) and e.extra["choices"][e.extra["answer"]] == shape
+        # one object, in one 16x16 cell of the 3x3 grid
+        cells = sum(any(e.image.getpixel((x, y)) != world.BACKGROUND for x in range(16 * i, 16 * i + 16)
+                        for y in range(16 * j, 16 * j + 16)) for i in range(3) for j in range(3))
+        assert cells == 1
+
+
+def test_raw_files_pass_the_converters(tmp_path):
+    from llava_sculpt.data.prepare.cli import main as prepare
+
+    for task in TASKS:
+        raw, out = tmp_path / "raw" / task, tmp_path / "data" / task
+        world.write_world_raw(task, raw, seed=0, n=10, num_train=12)
+        argv = [task, "--raw-dir", str(raw), "--out-dir", str(out)]
+        if task in ("iconqa", "coco"):
+            argv += ["--num-train", "12"]
+        assert prepare(argv) == 0
+        questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+        assert len(questions) == 10, task
+        if task in ("iconqa", "coco"):
+            train = json.loads((out / "train.json").read_text())
+            assert len(train) == 12
+    # the prepared prompts are exactly what pre-training teaches (same suffix, same OCR line)
+    okvqa = [json.loads(line) for line in (tmp_path / "data" / "okvqa" / "questions.jsonl").read_text().splitlines()]
+    first = world.examples("okvqa", "test", 0, 10)[0]
+    assert okvqa[0]["text"] == world.source_prompt("okvqa", first, 0)
+    iconqa_train = json.loads((tmp_path / "data" / "iconqa" / "train.json").read_text())
+    answers = {s["conversations"][1]["value"] for s in iconqa_train}
+    assert answers <= set("ABCDEF")
+    # the target data never asks a source question
+    source_questions = set(world.FACT_QUESTIONS) | {"What is the title of this book?", "what is written on the sign?"}
+    assert not any(q in s["conversations"][0]["value"] for s in iconqa_train for q in source_questions)
+
+
+def test_demo_shape_tokenizer_keeps_world_words_whole():
+    from llava_sculpt.model.tiny import SHAPE_PRESETS, build_tokenizer
+
+    tok = build_tokenizer(0, shape=SHAPE_PRESETS["demo"])
+    for word in list(world.SHAPES) + list(world.TITLES) + list(world.SIGN_WORDS) + list(world.COLOURS):
+        assert len(tok(" " + word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_short_demo_writes_summary_table_and_figures(tmp_path):
+    """One seed, one rank, a few steps: summary.json in the documented schema, the table and both plots."""
+    from llava_sculpt.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--world-dir", str(tmp_path / "world"), "--pretrain-steps", "8",
+                 "--seeds", "0", "--ranks", "4", "--epochs", "1", "--num-train", "32", "--questions", "6",
+                 "--curve-questions", "3", "--batch-size", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == "iconqa" and summary["questions_per_benchmark"] == 6 and summary["seeds"] == [0]
+    rows = {(r["method"], r["rank"]): r for r in summary["rows"]}
+    assert set(rows) == {("zero-shot", None), ("lora", 4), ("sculpt", 4)}
+    for row in rows.values():
+        assert row["seeds"] == 1
+        for key in ("source_mean", "target_mean", "avg_mean"):
+            assert 0 <= row[key] <= 100
+        assert set(row["per_benchmark"]) == {"okvqa", "ocrvqa", "gqa", "textvqa", "iconqa"}
+        # the row's means are the run's own scores (one seed)
+        scores_dir = out / "runs" / ("zero-shot" if row["method"] == "zero-shot" else f"{row['method']}_r4_seed0/eval")
+        for bench, cell in row["per_benchmark"].items():
+            assert cell["mean"] == json.loads((scores_dir / "scores" / f"{bench}.json").read_text())["score"]
+            assert cell["std"] is None
+        source = sum(row["per_benchmark"][b]["mean"] for b in ("okvqa", "ocrvqa", "gqa", "textvqa")) / 4
+        assert row["source_mean"] == pytest.approx(source)
+        assert row["avg_mean"] == pytest.approx((source + row["target_mean"]) / 2)
+    table = (out / "table1_iconqa.md").read_text()
+    assert "| LoRASculpt | 4 |" in table and "| zero-shot | - |" in table
+    for png in ("fig3_curves.png", "fig5_density.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = [json.loads(line) for line in (out / "runs" / "lora_r4_seed0" / "eval_curve.jsonl").read_text().splitlines()]
+    assert curve and curve[-1]["step"] == 4  # 32 examples / batch 8 = 4 steps, evaluated at the end
