@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 table1-tiny: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo --out playground/table1_tiny --methods all --target iconqa,coco --ablation \
-	  --epochs 3 --questions 100
+	  --epochs 2 --questions 60 --curve-questions 20
 
 test: $(STAMP)
 	$(PY) -m pytest -q

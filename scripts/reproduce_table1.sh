@@ -10,7 +10,9 @@
 #                a target's train.json is its training data, its manifest.json names the image folder
 #   RUNS_DIR     default playground/table1 of this repository (RUNS_DIR/TARGET/METHOD_rLORA_R/ per run,
 #                RUNS_DIR/zero-shot/)
-#   METHODS      default "lora dora l2 orth tailor dare sculpt"
+#   METHODS      default "lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider sculpt": the paper's
+#                Table 1 methods plus the related ones (README, "Methods"); magnitude_mask and spider fine-tune
+#                the last layers without LoRA: they are trained once per target and listed in the first rank's group
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
@@ -33,7 +35,8 @@ need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
 need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
 RUNS_DIR=${RUNS_DIR:-$(dirname "$HERE")/playground/table1}
 need_output_dir RUNS_DIR
-METHODS=${METHODS:-"lora dora l2 orth tailor dare sculpt"}
+METHODS=${METHODS:-"lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider sculpt"}
+first_rank=${RANKS:-16}; first_rank=${first_rank%% *}
 RANKS=${RANKS:-"16 32 64"}
 TARGETS=${TARGETS:-"iconqa coco"}
 for dataset in ${BENCHMARKS:-okvqa ocrvqa gqa textvqa iconqa coco} $TARGETS; do
@@ -56,6 +59,11 @@ for target in $TARGETS; do
   for rank in $RANKS; do
     for method in $METHODS; do
       run="$RUNS_DIR/$target/${method}_r${rank}"
+      case $method in
+        magnitude_mask|spider)  # no LoRA, no rank: once per target, in the first rank's group
+          [ "$rank" = "$first_rank" ] || continue
+          run="$RUNS_DIR/$target/${method}" ;;
+      esac
       echo "== $target / $method / rank $rank -> $run" >&2
       method_args=()
       case $method in tailor) method_args=(--tailor_compat official) ;; esac  # the paper's numbers: see above
