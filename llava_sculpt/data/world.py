@@ -221,14 +221,15 @@ def examples(task: str, split: str, seed: int, n: int) -> list[Example]:
 
 
 def letter_examples(split: str, seed: int, n: int) -> list[tuple[str, str]]:
-    """Text-only multiple choice: 'Which option says X?' with 3 or 4 lettered options -> the letter."""
+    """Text-only multiple choice: 'Which option says X?' with 3 to 6 lettered options -> the letter (every
+    letter the targets use exists before fine-tuning, as it does for LLaVA-1.5)."""
     from llava_sculpt.data.prepare.iconqa import format_prompt
 
     rng = random.Random(f"world:letters:{split}:{seed}")
     words = sorted(set(VOCABULARY))
     out = []
     for _ in range(n):
-        options = rng.sample(words if rng.random() < 0.7 else list(COUNT_CHOICES), rng.choice((3, 4)))
+        options = rng.sample(words if rng.random() < 0.7 else list(COUNT_CHOICES) + ["5", "6"], rng.choice((3, 4, 5, 6)))
         k = rng.randrange(len(options))
         out.append((format_prompt(LETTER_QUESTION.format(options[k]), options), string.ascii_uppercase[k]))
     return out
