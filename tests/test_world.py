@@ -123,3 +123,32 @@ def test_short_demo_writes_summary_table_and_figures(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = [json.loads(line) for line in (out / "runs" / "lora_r4_seed0" / "eval_curve.jsonl").read_text().splitlines()]
     assert curve and curve[-1]["step"] == 4  # 32 examples / batch 8 = 4 steps, evaluated at the end
+
+
+def test_every_method_runs_through_the_demo_driver(tmp_path):
+    """`--methods all --ablation` (what `make table1-tiny` runs), one seed, one rank, a few steps: every
+    --method of `llava-sculpt train` trains, is evaluated by the same driver (DARE / Tailor / intruders on
+    RUN/merged) and gets its row; methods without LoRA get rank null."""
+    from llava_sculpt.cli import main
+    from llava_sculpt.demo import all_methods
+    from llava_sculpt.methods import METHODS
+
+    assert set(all_methods()) == set(METHODS)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--world-dir", str(tmp_path / "world"), "--pretrain-steps", "4",
+                 "--methods", "all", "--ablation", "--seeds", "0", "--ranks", "4", "--epochs", "1",
+                 "--num-train", "16", "--questions", "4", "--curve-questions", "2", "--batch-size", "8"]) == 0
+    rows = {row["method"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"zero-shot", *METHODS, "sculpt-prune", "sculpt-cmr"}
+    for method in ("spider", "magnitude_mask"):
+        assert rows[method]["rank"] is None and (out / "runs" / f"{method}_seed0" / "eval" / "scores").is_dir()
+    for method in ("dare", "tailor", "intruders"):
+        assert (out / "runs" / f"{method}_r4_seed0" / "merged" / "config.json").is_file()
+        meta = json.loads((out / "runs" / f"{method}_r4_seed0" / "eval" / "run_meta.json").read_text())
+        assert meta["method"] == method and meta["rank"] == 4
+    for row in rows.values():
+        assert all(0 <= cell["mean"] <= 100 for cell in row["per_benchmark"].values())
+    args = json.loads((out / "runs" / "sculpt-cmr_r4_seed0" / "run_args.json").read_text())
+    assert args["method_flags"]["cmr_lambda"] > 0 and args["method_flags"]["sculpt_step"] > 2  # never prunes
+    assert json.loads((out / "runs" / "sculpt-prune_r4_seed0" / "run_args.json").read_text())[
+        "method_flags"]["cmr_lambda"] == 0
