@@ -13,13 +13,12 @@ projector files.  Target: sparse LoRA tensors <= 20% of dense.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import check, print_checks  # noqa: E402
+from bench_common import check, finish  # noqa: E402
 
 LINEARS = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
            "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
@@ -102,12 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     res = run(args.layers, args.rank)
-    print_result(res)
-    print_checks(res["checks"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return finish(res, print_result, args.json)
 
 
 if __name__ == "__main__":

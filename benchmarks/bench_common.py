@@ -76,6 +76,18 @@ def print_checks(checks: list[dict], title: str = "targets") -> None:
         print(line + (f"  ({c['note']})" if c.get("note") else ""))
 
 
+def finish(res: dict, print_result: Callable[[dict], None], json_path: str | None) -> int:
+    """The end of every benchmark's main(): its own table, the target checks, and --json PATH."""
+    import json
+
+    print_result(res)
+    print_checks(res["checks"])
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import check, median, print_checks  # noqa: E402
+from bench_common import check, finish, median  # noqa: E402
 
 WORDS = ["What colour is the shape?", "What shape is shown?", "How many?", "What is in the image?",
          "Provide a one-sentence caption for the provided image.", "Answer the question using a single word or phrase."]
@@ -91,12 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     res = run(args.questions, args.batch, args.max_new_tokens, args.reps)
-    print_result(res)
-    print_checks(res["checks"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return finish(res, print_result, args.json)
 
 
 if __name__ == "__main__":

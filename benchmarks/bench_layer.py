@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (check, interleaved, median, peak_rss_growth_mib, print_checks, reset_peak_rss,  # noqa: E402
+from bench_common import (check, finish, interleaved, median, peak_rss_growth_mib, reset_peak_rss,  # noqa: E402
                           run_child, threads)
 
 VARIANTS = ("fused", "chunked", "dense")
@@ -164,12 +164,7 @@ def main(argv=None) -> int:
         return 0
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     res = run(shapes, args.rank, args.tokens, args.reps, not args.no_memory)
-    print_result(res)
-    print_checks(res["checks"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    return finish(res, print_result, args.json)
 
 
 if __name__ == "__main__":
