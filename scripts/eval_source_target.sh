@@ -55,8 +55,7 @@ if [ $# -eq 0 ]; then
             --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET") || { echo "error: could not build the embedded default" >&2; exit 2; }
     eval "$world"
     NUM_GPUS=0 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$([ "$TARGET" = coco ] && echo 24 || echo 10)}
-    unset MODEL_BASE
-    MODEL_BASE=
+    MODEL_BASE=  # `world --shell` sets it; a run's adapter records its base
 fi
 [ $# -eq 0 ] || MODEL_PATH=$1
 TARGET=${2:-${TARGET:-}}

@@ -38,6 +38,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from llava_sculpt.data.prepare.common import SHORT_ANSWER_SUFFIX, write_json
+from llava_sculpt.data.prepare.synthetic_raw import write_okvqa_files
 
 IMAGE_SIZE = 48
 BACKGROUND = (255, 255, 255)
@@ -266,13 +267,7 @@ def _write_okvqa(raw: Path, seed: int, n: int) -> None:
                             "answers": [{"answer_id": k + 1, "raw_answer": answer, "answer_confidence": "yes",
                                          "answer": answer} for k in range(10)]})
         _save(ex.image, raw / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
-    common = {"license": {"url": "http://creativecommons.org/licenses/by/4.0/",
-                          "name": "Creative Commons Attribution 4.0 International License"},
-              "data_subtype": "val2014",
-              "info": {"description": "llava-sculpt synthetic world", "version": "1.0", "year": 2019}}
-    write_json(raw / "OpenEnded_mscoco_val2014_questions.json",
-               {**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
-    write_json(raw / "mscoco_val2014_annotations.json", {**common, "data_type": "mscoco", "annotations": annotations})
+    write_okvqa_files(raw, questions, annotations, "llava-sculpt synthetic world")
 
 
 def _write_ocrvqa(raw: Path, seed: int, n: int) -> None:

@@ -47,7 +47,7 @@ import torch
 
 from llava_sculpt.methods.sculpt_ops import (WeightChunkFn, _check_params, _compute_dtype, _row_source,
                                              cmr_l1_penalty_dense, cmr_penalty_dense, cmr_value_and_grads,
-                                             frobenius_sq_norm)
+                                             finish_cmr, frobenius_sq_norm)
 
 __all__ = ["CMR_IMPLS", "FUSED_MIN_NUMEL", "cmr_value_and_grads_fused", "cmr_value_and_grads_dense",
            "cmr_value_and_grads_impl", "fused_status"]
@@ -281,15 +281,7 @@ def _fused_loop(kernel, rows, lora_A, lora_B, norm, omega, eps, chunk_rows, kind
             torch.mm(b.t().contiguous(), ba, out=part_A)         # B^T @ G (a contiguous B^T is ~15% faster)
             grad_A += part_A
     total = float(torch.stack(totals).sum()) if len(totals) > 1 else float(totals[0])
-    value = math.sqrt(total) if kind == "fro" else total
-    if kind == "fro":
-        if value == 0.0:  # sub-gradient 0 at the non-differentiable point, as the reference
-            grad_A.zero_()
-            grad_B.zero_()
-        else:
-            grad_A /= value
-            grad_B /= value
-    return value, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return finish_cmr(total, grad_A, grad_B, kind, lora_A.dtype, lora_B.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

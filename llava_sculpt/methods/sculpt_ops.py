@@ -307,15 +307,23 @@ def cmr_value_and_grads(weight: torch.Tensor | None, lora_A: torch.Tensor, lora_
             grad_B[start:end] = g @ a.T
             grad_A += (b.T @ g).to(torch.float64)
             del m, ba, g
+    return finish_cmr(total, grad_A, grad_B, kind, lora_A.dtype, lora_B.dtype)
+
+
+def finish_cmr(total: float, grad_A: torch.Tensor, grad_B: torch.Tensor, kind: str, dtype_A: torch.dtype,
+               dtype_B: torch.dtype) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """From the accumulated sum (of (M*BA)^2 for "fro", |M*BA| for "l1") and the unnormalised gradients to
+    (L, dL/dA, dL/dB): L = sqrt(sum) and both gradients / L for the Frobenius norm (sub-gradient 0 at L = 0,
+    as `cmr_penalty`); the L1 sum as is."""
     value = math.sqrt(total) if kind == "fro" else total
     if kind == "fro":
-        if value == 0.0:  # sub-gradient 0 at the non-differentiable point, as `cmr_penalty`
+        if value == 0.0:
             grad_A.zero_()
             grad_B.zero_()
         else:
             grad_A /= value
             grad_B /= value
-    return value, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return value, grad_A.to(dtype_A), grad_B.to(dtype_B)
 
 
 def _dense_mask(weight: torch.Tensor, omega: float, eps: float) -> torch.Tensor:

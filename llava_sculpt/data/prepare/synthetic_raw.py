@@ -129,10 +129,15 @@ def _okvqa(raw: Path, seed: int, n: int) -> None:
         annotations.append({"image_id": image_id, "answer_type": "other", "question_type": "eight",
                             "question_id": qid, "answers": answers, "confidence": 3})
         _square(raw / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", colour)
+    write_okvqa_files(raw, questions, annotations, "synthetic OK-VQA fixture")
+
+
+def write_okvqa_files(raw: Path, questions: list[dict], annotations: list[dict], description: str) -> None:
+    """The two official OK-VQA files (val2014 questions and annotations, with their common header)."""
     common = {"license": {"url": "http://creativecommons.org/licenses/by/4.0/",
                           "name": "Creative Commons Attribution 4.0 International License"},
               "data_subtype": "val2014",
-              "info": {"description": "synthetic OK-VQA fixture", "version": "1.0", "year": 2019}}
+              "info": {"description": description, "version": "1.0", "year": 2019}}
     write_json(raw / "OpenEnded_mscoco_val2014_questions.json",
                {**common, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions})
     write_json(raw / "mscoco_val2014_annotations.json", {**common, "data_type": "mscoco", "annotations": annotations})
