@@ -469,6 +469,56 @@ class LlavaSculptTrainer(transformers.Trainer):
             state_dict = {n: p.detach().cpu().clone() for n, p in trained.items()}
         self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
 
+    def _keeps_frozen_out_of_deepspeed_checkpoints(self) -> bool:
+        """A method without LoRA under DeepSpeed: its checkpoint-N/global_stepN holds the trained tensors only.
+        The Trainer asks DeepSpeed to leave frozen weights out for PEFT models alone, so for SPIDER /
+        MagnitudeMask each checkpoint would otherwise carry a whole 16-bit copy of the model (~14 GB at 7B)."""
+        return not self.method.uses_lora and self.is_deepspeed_enabled
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self._keeps_frozen_out_of_deepspeed_checkpoints():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)  # collective
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            # the Trainer's rule: DeepSpeed saves its own scheduler, a Trainer-made one goes to scheduler.pt
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, transformers.trainer.SCHEDULER_NAME))
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Resuming such a checkpoint: the Trainer loads DeepSpeed's module state strictly (all weights) unless
+        the model is a PEFT model; here the frozen weights are absent by design, so it is loaded non-strictly
+        and what is missing is checked to be exactly the frozen weights (they come from the base model)."""
+        if resume_from_checkpoint is None or not self._keeps_frozen_out_of_deepspeed_checkpoints():
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        self._load_deepspeed_trained_only(resume_from_checkpoint)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _load_deepspeed_trained_only(self, checkpoint: str) -> None:
+        import glob
+
+        if not glob.glob(os.path.join(checkpoint, "global_step*")):
+            raise UserError(f"{checkpoint}: no DeepSpeed global_step* folder; resume a DeepSpeed run from a "
+                            "checkpoint a DeepSpeed run wrote")
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def load_module(src, dst):
+            result = dst.load_state_dict(src, strict=False)
+            missing_trained = sorted(set(result.missing_keys) & trained)
+            if missing_trained or result.unexpected_keys:
+                raise UserError(f"{checkpoint}: its DeepSpeed module state does not fit this run (trained tensors "
+                                f"missing e.g. {missing_trained[:2]}, unexpected e.g. {result.unexpected_keys[:2]}); "
+                                "resume with the same --method and layer flags")
+
+        load_path, _ = self.model_wrapped.load_checkpoint(checkpoint, load_module_strict=False,
+                                                          load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                          custom_load_fn=load_module)
+        if load_path is None:
+            raise UserError(f"{checkpoint}: DeepSpeed could not load this checkpoint")
+
     def _save(self, output_dir=None, state_dict=None):
         """Every save (checkpoint-N and the final one) is self-contained: adapter + projector + method state
         + processor + run arguments.  Under ZeRO-3 `state_dict` is the gathered one, so saved values are the
@@ -787,7 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.train(resume_from_checkpoint=resume)
     finalise(trainer, run, method, training_args.output_dir)
     if trainer.args.should_save:
-        print(f"done: adapter, {PROJECTOR_FILE} and processor in {training_args.output_dir}")
+        weights = "adapter" if method.uses_lora else "trained tensors (partial_model.safetensors)"
+        print(f"done: {weights}, {PROJECTOR_FILE} and processor in {training_args.output_dir}")
     return 0
 
 

@@ -4,6 +4,7 @@ The layer, the router and the balance loss are checked against formulas written 
 the CLI run checks logging, the saved adapter, reloading, generation and the refusal to merge."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import generate_two_answers, load_safetensors, run_train
+from helpers import generate_two_answers, load_safetensors, logged_losses, run_train, run_train_subprocess
 from test_train import sample_inputs
 
 E = 3
@@ -286,3 +287,28 @@ def test_cli_run_logs_reloads_generates_and_refuses_merge(tiny_dir, tmp_path, ti
     # nor can DARE / Model Tailor transform it: there is no single delta per layer
     assert main(["transform", "dare", "--model-path", str(out), "--output-dir", str(tmp_path / "dared")]) == 2
     assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "dared").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_equals_plain_run(stage, tiny_dir, tmp_path):
+    """ZeRO-2/3 in one process: the same losses (balance term included), the same saved adapter and projector
+    as the plain run (ZeRO-3: router, shared A and experts partitioned, gathered in forward and on save)."""
+    from test_deepspeed_quant import zero_config
+
+    args = ["--method", "asymlora"]
+    plain, zero = tmp_path / "plain", tmp_path / f"zero{stage}"
+    assert run_train(tiny_dir, plain, *args, steps=3) == 0
+    proc = run_train_subprocess(tiny_dir, zero, *args, "--deepspeed", zero_config(tmp_path, stage), steps=3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert logged_losses(zero) == pytest.approx(logged_losses(plain), rel=1e-5, abs=1e-6)
+    history = [json.loads((run / "trainer_state.json").read_text())["log_history"] for run in (plain, zero)]
+    balance = [[h["asymlora_balance"] for h in hist if "loss" in h] for hist in history]
+    assert len(balance[0]) == 3 and balance[0] == pytest.approx(balance[1], rel=1e-5)
+    for name in ("adapter_model.safetensors", "mm_projector.safetensors"):
+        ref, got = load_safetensors(plain / name), load_safetensors(zero / name)
+        assert set(ref) == set(got), name
+        for k in ref:
+            assert got[k].shape == ref[k].shape, k
+            assert torch.allclose(got[k].float(), ref[k].float(), atol=1e-5, rtol=1e-4), k

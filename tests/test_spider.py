@@ -279,15 +279,17 @@ def test_non_lora_flags_are_checked(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_zero2_equals_plain_run(spider_run, tiny_dir, tmp_path):
-    """ZeRO-2 (one process): G read from ZeRO's fp32 gradient partition, the allocation applied to its fp32
-    masters; same losses, saved tensors and method state as the plain run."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_equals_plain_run(stage, spider_run, tiny_dir, tmp_path):
+    """ZeRO-2/3 (one process): G read from ZeRO's fp32 gradient partition, the allocation applied to its fp32
+    masters (ZeRO-3: every parameter partitioned, gathered for the save); same losses, saved tensors and
+    method state as the plain run."""
     from test_deepspeed_quant import zero_config
 
     plain, _ = spider_run
-    out = tmp_path / "zero2"
+    out = tmp_path / f"zero{stage}"
     proc = run_train_subprocess(tiny_dir, out, *SPIDER, "--save_strategy", "steps", "--save_steps", "2",
-                                "--deepspeed", zero_config(tmp_path, 2), steps=4)
+                                "--deepspeed", zero_config(tmp_path, stage), steps=4)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert logged_losses(out) == pytest.approx(logged_losses(plain), rel=1e-5, abs=1e-6)
     for name in ("partial_model.safetensors", "method_state.safetensors"):
@@ -295,3 +297,46 @@ def test_zero2_equals_plain_run(spider_run, tiny_dir, tmp_path):
         assert set(a) == set(b) and len(a) >= 13
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (name, k)
+
+    # checkpoint-2's DeepSpeed state holds the trained tensors only (no 16-bit copy of the frozen model) ...
+    (step_dir,) = (out / "checkpoint-2").glob("global_step*")
+    held = set()
+    for path in step_dir.glob("*model_states.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        held |= set(state["module"]) | set(state.get("frozen_param_fragments") or {})
+    trained = set(load_safetensors(out / "partial_model.safetensors"))
+    assert held and held <= trained
+    # ... and a run resumed from it ends where the uninterrupted one did
+    resumed = tmp_path / f"resumed{stage}"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run_train_subprocess(tiny_dir, resumed, *SPIDER, "--save_strategy", "steps", "--save_steps", "2",
+                                "--deepspeed", zero_config(tmp_path, stage), steps=4)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert logged_losses(resumed)[-2:] == pytest.approx(logged_losses(out)[-2:], rel=1e-6, abs=1e-7)
+    for name in ("partial_model.safetensors", "method_state.safetensors"):
+        a, b = load_safetensors(out / name), load_safetensors(resumed / name)
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_magnitude_mask_zero3_frozen_entries_exact(tiny_dir, tmp_path, base_params):
+    """ZeRO-3 (one process, every parameter partitioned): the masked entries of the gathered saved tensors are
+    bit-exact theta0 under weight decay, and the run equals the plain one."""
+    from test_deepspeed_quant import zero_config
+
+    args = ["--method", "magnitude_mask", "--mask_layers", "1", "--weight_decay", "0.1"]
+    plain, zero = tmp_path / "plain", tmp_path / "zero3"
+    assert run_train(tiny_dir, plain, *args, steps=3) == 0
+    proc = run_train_subprocess(tiny_dir, zero, *args, "--deepspeed", zero_config(tmp_path, 3), steps=3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert logged_losses(zero) == pytest.approx(logged_losses(plain), rel=1e-5, abs=1e-6)
+    saved, ref = (load_safetensors(r / "partial_model.safetensors") for r in (zero, plain))
+    masks = {k[len("mask/"):]: v for k, v in load_safetensors(zero / "method_state.safetensors").items()}
+    assert set(saved) == set(masks) == set(ref) and len(saved) == 13
+    for name, mask in masks.items():
+        assert torch.equal(saved[name][mask], base_params[name][mask]), name
+        assert torch.allclose(saved[name], ref[name], atol=1e-5, rtol=1e-4), name
