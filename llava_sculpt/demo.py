@@ -36,6 +36,12 @@ from llava_sculpt.errors import UserError, run_cli
 
 SOURCES = ("okvqa", "ocrvqa", "gqa", "textvqa")
 WORLD_RECIPE = 2  # bump when the world or its pre-training changes: cached models are then rebuilt
+# `--method lora` with one of PEFT's initialisations (`--init_lora_weights`), one row each; lora-corda is CorDA
+# in its knowledge-preserving mode, its covariances taken on source samples of the world (CORDA_SOURCE)
+LORA_INIT_VARIANTS = {"lora-gaussian": "gaussian", "lora-pissa": "pissa", "lora-olora": "olora",
+                      "lora-eva": "eva", "lora-corda": "corda"}
+CORDA_SOURCE = "corda_source"  # DATA_ROOT/corda_source/{train.json,images}
+CORDA_PER_SKILL = 64           # source images per skill (~320 samples; CorDA reads the first 256)
 
 
 @dataclass
@@ -202,7 +208,38 @@ def train_flags(s: DemoSettings, method: str, rank: int, seed: int, model: Path,
              "--per_device_eval_batch_size", "64", "--eval_max_new_tokens", str(max_new_tokens(s.target))]
     if method.startswith("sculpt"):
         flags = _sculpt_flags(flags, s, method, steps_per_epoch * s.epochs)
+    if method in LORA_INIT_VARIANTS:
+        flags = _lora_init_flags(flags, LORA_INIT_VARIANTS[method], data_root)
     return flags + [str(f) for f in s.method_flags.get(method, [])]
+
+
+def _lora_init_flags(flags: list[str], init: str, data_root: Path) -> list[str]:
+    """lora-INIT: `--method lora --init_lora_weights INIT`; CorDA (kpm) on the world's source samples."""
+    flags = list(flags)
+    flags[flags.index("--method") + 1] = "lora"
+    flags += ["--init_lora_weights", init]
+    if init == "corda":
+        source = data_root / CORDA_SOURCE
+        flags += ["--corda_data", str(source / "train.json"), "--corda_image_folder", str(source / "images"),
+                  "--corda_method", "kpm"]
+    return flags
+
+
+def corda_source(data_root: Path, seed: int = 0) -> Path:
+    """DATA_ROOT/corda_source: source-skill training samples of the world for CorDA's statistics (once)."""
+    from llava_sculpt.data.world import write_source_training
+
+    out = Path(data_root) / CORDA_SOURCE
+    stamp = {"recipe": WORLD_RECIPE, "seed": seed, "per_skill": CORDA_PER_SKILL}
+    stamp_path = out / "world.json"
+    if stamp_path.is_file() and (out / "train.json").is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return out
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    write_source_training(out, seed=seed, per_skill=CORDA_PER_SKILL)
+    write_json_atomic(stamp_path, stamp)
+    return out
 
 
 def _sculpt_flags(flags: list[str], s: DemoSettings, variant: str, total_steps: int) -> list[str]:
@@ -241,23 +278,34 @@ def evaluate(model: Path, data_root: Path, eval_dir: Path, target: str, question
 def _method_class(method: str):
     from llava_sculpt.methods import get_method_class
 
-    return get_method_class("sculpt" if method.startswith("sculpt") else method)
+    from llava_sculpt.methods import METHODS
+
+    if method in LORA_INIT_VARIANTS:
+        method = "lora"
+    elif method in ("sculpt-prune", "sculpt-cmr"):
+        method = "sculpt"
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: expected a --method of `llava-sculpt train` "
+                        f"({', '.join(sorted(METHODS))}) or one of {', '.join(LORA_INIT_VARIANTS)}")
+    return get_method_class(method)
 
 
 def all_methods() -> tuple[str, ...]:
-    """Every --method, in the paper's row order first (LoRASculpt last), then the related methods."""
+    """Every --method, in the paper's row order first (LoRASculpt last), then the related methods and LoRA
+    with each of PEFT's initialisations (LORA_INIT_VARIANTS)."""
     from llava_sculpt.methods import METHODS
 
     order = ["lora", "dora", "l2", "orth", "tailor", "dare", "intruders", "magnitude_mask", "spider", "asymlora"]
-    return tuple(m for m in order if m in METHODS) + tuple(sorted(set(METHODS) - set(order) - {"sculpt"})) + ("sculpt",)
+    return (tuple(m for m in order if m in METHODS) + tuple(sorted(set(METHODS) - set(order) - {"sculpt"}))
+            + tuple(LORA_INIT_VARIANTS) + ("sculpt",))
 
 
 def run_label(method: str, rank: int | None) -> str:
-    names = {"lora": "LoRA", "sculpt": "LoRASculpt", "sculpt-prune": "LoRASculpt, pruning only",
-             "sculpt-cmr": "LoRASculpt, CMR only", "zero-shot": "zero-shot", "dora": "DoRA", "l2": "L2-Reg",
-             "orth": "Orth-Reg", "tailor": "Model Tailor", "dare": "DARE", "intruders": "Intruders",
-             "magnitude_mask": "MagnitudeMask", "spider": "SPIDER", "asymlora": "AsymLoRA"}
-    name = names.get(method, method)
+    from llava_sculpt.eval.table import METHOD_NAMES, method_key
+
+    names = {"sculpt-prune": "LoRASculpt, pruning only", "sculpt-cmr": "LoRASculpt, CMR only",
+             "zero-shot": "zero-shot"}
+    name = names.get(method) or METHOD_NAMES.get(method_key(method), method)
     return name if rank is None else f"{name} r{rank}"
 
 
@@ -331,6 +379,8 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
     data_root = world_data(out / "data", (*SOURCES, s.target), seed=world.seed, questions=s.questions,
                            num_train=s.num_train)
     _log(f"synthetic world in the raw formats of {', '.join((*SOURCES, s.target))}, prepared in {data_root}", started)
+    if "lora-corda" in s.methods:
+        _log(f"source samples for CorDA's covariances: {corda_source(data_root, world.seed)}", started)
     zero = evaluate(model, data_root, out / "runs" / "zero-shot", s.target, s.questions, zero_shot=True,
                     method="zero-shot", log=out / "logs" / "zero-shot.log")
     # the epoch-0 point of Fig. 3: every run starts from this model (LoRA's B = 0), on the curve's questions
@@ -424,8 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default playground/tiny_world; rebuilt when missing)")
     p.add_argument("--target", default=d.target, help=f"iconqa, coco, or both comma-separated (default {d.target}; "
                    "several targets: one OUT/<target>/ folder each)")
-    p.add_argument("--methods", default=",".join(d.methods), help="comma-separated --method values, or 'all' "
-                   f"(every --method of `llava-sculpt train`) (default {','.join(d.methods)})")
+    p.add_argument("--methods", default=",".join(d.methods), help="comma-separated --method values, lora-INIT "
+                   f"(LoRA with --init_lora_weights INIT: {', '.join(LORA_INIT_VARIANTS)}; lora-corda = CorDA-KPM "
+                   "on source samples of the world), or 'all' (every --method of `llava-sculpt train` and every "
+                   f"lora-INIT) (default {','.join(d.methods)})")
     p.add_argument("--ranks", default=",".join(map(str, d.ranks)), help="LoRA ranks (default "
                    f"{','.join(map(str, d.ranks))})")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="training seeds (default "
@@ -500,6 +552,10 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         print(f"{key}={shlex.quote(str(value))}" if args.shell else f"{key:22s} {value}")
     if args.train_flags:
         settings = DemoSettings(target=args.target, num_train=args.num_train, questions=args.questions)
+        _method_class(args.train_flags)  # an unknown name fails here
+        if args.train_flags == "lora-corda":
+            with contextlib.redirect_stdout(sys.stderr):
+                corda_source(data_root)
         flags = train_flags(settings, args.train_flags, 8, 0, model, data_root, Path("unused"))
         # the run's identity (paths, method, rank, seed) stays the script's; only the settings are the demo's
         skip = {"--method", "--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--lora_r",

@@ -16,7 +16,8 @@
 #   MODEL_BASE     HF LLaVA-1.5 checkpoint folder (llava-1.5-7b-hf, or `llava-sculpt convert` output)
 #   DATA_PATH      LLaVA training JSON of the target task (`llava-sculpt prepare TARGET ...` writes train.json)
 #   IMAGE_FOLDER   folder the JSON's image paths are relative to
-#   METHOD         lora | sculpt | dora | l2 | orth | dare | tailor   (default lora)
+#   METHOD         lora | sculpt | dora | l2 | orth | dare | tailor | intruders | spider | magnitude_mask |
+#                  asymlora (default lora); PEFT's initialisations are flags: --init_lora_weights pissa ...
 #   TARGET         iconqa | coco (only names the run)          LORA_R   16 | 32 | 64 (default 32)
 #   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R} in this repository
 #   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)

@@ -10,9 +10,15 @@
 #                a target's train.json is its training data, its manifest.json names the image folder
 #   RUNS_DIR     default playground/table1 of this repository (RUNS_DIR/TARGET/METHOD_rLORA_R/ per run,
 #                RUNS_DIR/zero-shot/)
-#   METHODS      default "lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider sculpt": the paper's
-#                Table 1 methods plus the related ones (README, "Methods"); magnitude_mask and spider fine-tune
-#                the last layers without LoRA: they are trained once per target and listed in the first rank's group
+#   METHODS      default "lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider lora-gaussian
+#                lora-pissa lora-olora lora-eva [lora-corda] sculpt": the paper's Table 1 methods plus the related
+#                ones (README, "Methods"); magnitude_mask and spider fine-tune the last layers without LoRA: they
+#                are trained once per target and listed in the first rank's group; lora-INIT is `--method lora
+#                --init_lora_weights INIT` (PEFT's initialisations); lora-corda (CorDA, knowledge-preserving
+#                mode) is in the default list when CORDA_DATA is set
+#   CORDA_DATA   a LLaVA training JSON of SOURCE-task samples (e.g. a slice of LLaVA-665k) whose layer-input
+#                covariances orient lora-corda's adapter; CORDA_IMAGE_FOLDER: where its images are (default:
+#                the target's image folder)
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
@@ -28,14 +34,17 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
-resolve_paths MODEL_BASE DATA_ROOT RUNS_DIR
+resolve_paths MODEL_BASE DATA_ROOT RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
 resolve_command PYTHON
 PYTHON=${PYTHON:-python}
 need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
 need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
 RUNS_DIR=${RUNS_DIR:-$(dirname "$HERE")/playground/table1}
 need_output_dir RUNS_DIR
-METHODS=${METHODS:-"lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider sculpt"}
+METHODS=${METHODS:-"lora dora l2 orth tailor dare intruders asymlora magnitude_mask spider lora-gaussian lora-pissa lora-olora lora-eva${CORDA_DATA:+ lora-corda} sculpt"}
+case " $METHODS " in
+  *" lora-corda "*) need_file CORDA_DATA "a LLaVA training JSON of SOURCE-task samples (lora-corda's covariance data)" ;;
+esac
 first_rank=${RANKS:-16}; first_rank=${first_rank%% *}
 RANKS=${RANKS:-"16 32 64"}
 TARGETS=${TARGETS:-"iconqa coco"}
@@ -65,10 +74,15 @@ for target in $TARGETS; do
           run="$RUNS_DIR/$target/${method}" ;;
       esac
       echo "== $target / $method / rank $rank -> $run" >&2
-      method_args=()
-      case $method in tailor) method_args=(--tailor_compat official) ;; esac  # the paper's numbers: see above
+      method_args=() train_method=$method
+      case $method in
+        tailor) method_args=(--tailor_compat official) ;;  # the paper's numbers: see above
+        lora-corda) train_method=lora method_args=(--init_lora_weights corda --corda_method kpm --corda_data "$CORDA_DATA"
+                      --corda_image_folder "${CORDA_IMAGE_FOLDER:-$image_folder}") ;;
+        lora-*) train_method=lora method_args=(--init_lora_weights "${method#lora-}") ;;
+      esac
       if [ ! -f "$run/training_complete.json" ]; then
-        METHOD=$method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
+        METHOD=$train_method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
           IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" ${method_args[@]+"${method_args[@]}"} "${train_args[@]}"
       fi
       model=$run

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # reproduce_table1.sh, small, on the embedded default on CPU: the tiny model, synthetic fixtures of the six
-# benchmarks in their raw formats, every method, a few training steps, a few questions per benchmark.
-#   bash scripts/reproduce_table1_tiny.sh           (METHODS / RANKS / TARGETS narrow it; ~1 min per run)
+# benchmarks in their raw formats, the paper's methods, a few training steps, a few questions per benchmark.
+#   bash scripts/reproduce_table1_tiny.sh           (METHODS / RANKS / TARGETS choose; ~1 min per run)
+# METHODS takes every name reproduce_table1.sh does (e.g. "spider asymlora lora-pissa"); the real mini Table 1
+# of every method on a pre-trained tiny model is `make table1-tiny` (llava-sculpt demo --methods all).
 #   OUT (default playground/table1_tiny of this repository) and PYTHON are relative to the folder you run it from.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -13,9 +13,10 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 
-def zero_config(tmp_path, stage: int):
+def zero_config(tmp_path, stage: int | str):
+    """configs/zero{stage}.json (stage 2, 3 or "3_offload") for the tiny model."""
     config = json.loads((REPO / "configs" / f"zero{stage}.json").read_text())
-    if stage == 3:  # partition every parameter, even the tiny model's small ones
+    if config["zero_optimization"]["stage"] == 3:  # partition every parameter, even the tiny model's small ones
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp_path / f"zero{stage}.json"
     path.write_text(json.dumps(config))

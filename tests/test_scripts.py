@@ -201,6 +201,14 @@ def test_eval_script_bad_inputs_name_the_variable_and_create_nothing(user_dir):
     assert not (user_dir / "evals").exists() and not (user_dir / "tiny" / "model" / "eval").exists()
 
 
+def test_reproduce_table1_corda_needs_source_data(user_dir):
+    proc = run_script("reproduce_table1.sh", user_dir, timeout=60, MODEL_BASE="tiny/model", DATA_ROOT="tiny/data",
+                      RUNS_DIR="table1", METHODS="lora lora-corda")
+    assert proc.returncode == 2
+    assert "set CORDA_DATA (a LLaVA training JSON of SOURCE-task samples" in one_line(proc.stderr)
+    assert not (user_dir / "table1").exists()
+
+
 def test_reproduce_table1_checks_data_root_before_creating_runs(user_dir):
     (user_dir / "data" / "iconqa").mkdir(parents=True)
     proc = run_script("reproduce_table1.sh", user_dir, timeout=60, MODEL_BASE="tiny/model", DATA_ROOT="data",
@@ -223,19 +231,21 @@ def test_demo_output_variables_are_relative_to_the_caller(tmp_path, script, vari
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="java is not on PATH: COCO's PTB tokenizer needs it")
 def test_reproduce_table1_tiny_narrow(tmp_path):
-    """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, two methods; OUT
-    relative to the caller's folder."""
-    proc = run_script("reproduce_table1_tiny.sh", tmp_path, timeout=900, OUT="t1", METHODS="lora dare", RANKS="4",
-                      TARGETS="iconqa", MAX_QUESTIONS="2", MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1",
+    """The Table 1 driver on the embedded model: train -> (transform) -> evaluate -> table, three methods (one a
+    LoRA initialisation variant); OUT relative to the caller's folder."""
+    proc = run_script("reproduce_table1_tiny.sh", tmp_path, timeout=900, OUT="t1", METHODS="lora lora-pissa dare",
+                      RANKS="4", TARGETS="iconqa", MAX_QUESTIONS="2", MAX_NEW_TOKENS="4", OMP_NUM_THREADS="1",
                       PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = (tmp_path / "t1" / "runs" / "table1_iconqa.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    assert {"Zero-shot", "LoRA", "DARE"} <= set(rows), table
+    assert {"Zero-shot", "LoRA", "LoRA (PiSSA init)", "DARE"} <= set(rows), table
     assert "*LoRA Rank=4*" in table
-    for name in ("Zero-shot", "LoRA", "DARE"):
+    for name in ("Zero-shot", "LoRA", "LoRA (PiSSA init)", "DARE"):
         cells = [c.strip() for c in rows[name].split("|")[2:-1]]
         assert len(cells) == 7 and "-" not in cells, rows[name]  # every column filled
+    pissa = json.loads((tmp_path / "t1" / "runs" / "iconqa" / "lora-pissa_r4" / "run_args.json").read_text())
+    assert pissa["method"] == "lora" and pissa["training_args"]["init_lora_weights"] == "pissa"
     merged = tmp_path / "t1" / "runs" / "iconqa" / "dare_r4" / "merged"
     assert (merged / "config.json").is_file()
     # a run whose transform did not finish: the rerun redoes only the transform (seeded: the same weights)

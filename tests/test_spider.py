@@ -279,10 +279,11 @@ def test_non_lora_flags_are_checked(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "3_offload"])
 def test_zero_equals_plain_run(stage, spider_run, tiny_dir, tmp_path):
     """ZeRO-2/3 (one process): G read from ZeRO's fp32 gradient partition, the allocation applied to its fp32
-    masters (ZeRO-3: every parameter partitioned, gathered for the save); same losses, saved tensors and
+    masters (ZeRO-3: every parameter partitioned, gathered for the save; 3_offload: masters, gradients and
+    AdamW on the CPU, as the SPIDER release's users run out of memory without); same losses, saved tensors and
     method state as the plain run."""
     from test_deepspeed_quant import zero_config
 

@@ -130,16 +130,29 @@ def test_every_method_runs_through_the_demo_driver(tmp_path):
     --method of `llava-sculpt train` trains, is evaluated by the same driver (DARE / Tailor / intruders on
     RUN/merged) and gets its row; methods without LoRA get rank null."""
     from llava_sculpt.cli import main
-    from llava_sculpt.demo import all_methods
+    from llava_sculpt.demo import LORA_INIT_VARIANTS, all_methods
     from llava_sculpt.methods import METHODS
 
-    assert set(all_methods()) == set(METHODS)
+    variants = {f"lora-{init}" for init in ("gaussian", "pissa", "olora", "eva", "corda")}
+    assert set(LORA_INIT_VARIANTS) == variants and set(all_methods()) == set(METHODS) | variants
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--world-dir", str(tmp_path / "world"), "--pretrain-steps", "4",
                  "--methods", "all", "--ablation", "--seeds", "0", "--ranks", "4", "--epochs", "1",
                  "--num-train", "16", "--questions", "4", "--curve-questions", "2", "--batch-size", "8"]) == 0
     rows = {row["method"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
-    assert set(rows) == {"zero-shot", *METHODS, "sculpt-prune", "sculpt-cmr"}
+    assert set(rows) == {"zero-shot", *METHODS, *variants, "sculpt-prune", "sculpt-cmr"}
+    for variant in variants:  # LoRA trained from PEFT's initialisation, evaluated like the others
+        run = out / "runs" / f"{variant}_r4_seed0"
+        args = json.loads((run / "run_args.json").read_text())
+        assert args["method"] == "lora" and args["training_args"]["init_lora_weights"] == variant[5:]
+        assert json.loads((run / "eval" / "run_meta.json").read_text())["method"] == variant
+        config = json.loads((run / "adapter_config.json").read_text())
+        # pissa / olora / corda: the saved adapter is PEFT's conversion to the ORIGINAL base (rank 2r)
+        assert config["r"] == (8 if variant in ("lora-pissa", "lora-olora", "lora-corda") else 4), variant
+    corda = json.loads((out / "runs" / "lora-corda_r4_seed0" / "run_args.json").read_text())["training_args"]
+    assert corda["corda_method"] == "kpm" and corda["corda_data"].endswith("corda_source/train.json")
+    source = json.loads((out / "data" / "corda_source" / "train.json").read_text())
+    assert {r["id"].split("_")[0] for r in source[:256]} == {"okvqa", "ocrvqa", "gqa", "textvqa"}
     for method in ("spider", "magnitude_mask"):
         assert rows[method]["rank"] is None and (out / "runs" / f"{method}_seed0" / "eval" / "scores").is_dir()
     for method in ("dare", "tailor", "intruders"):

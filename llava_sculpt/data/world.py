@@ -26,7 +26,8 @@ with a letter exists before the target is seen, as it does for LLaVA-1.5.  The s
 re-derived from the target data: counting and captions ask neither for facts, reading, nor sides.
 
 Everything depends only on (dataset, split, seed, n): `random.Random` seeded by strings, Pillow's built-in
-font.  Test questions use split "test", pre-training split "pretrain", fine-tuning split "train".
+font.  Test questions use split "test", pre-training split "pretrain", fine-tuning split "train", and the
+source samples of CorDA's covariance statistics (`write_source_training`) split "source".
 """
 from __future__ import annotations
 
@@ -370,3 +371,26 @@ def write_world_raw(dataset: str, raw_dir: str | Path, seed: int = 0, n: int = 1
     else:
         {"okvqa": _write_okvqa, "ocrvqa": _write_ocrvqa, "gqa": _write_gqa, "textvqa": _write_textvqa}[dataset](
             raw, seed, n)
+
+
+def write_source_training(out_dir: str | Path, seed: int = 0, per_skill: int = 64) -> Path:
+    """A LLaVA training JSON of SOURCE-skill samples (`per_skill` images per skill, every question of each,
+    split "source": neither the test questions nor pre-training's) in OUT_DIR/train.json, images in
+    OUT_DIR/images: what `--init_lora_weights corda --corda_data` reads (the source knowledge to preserve).
+    Returns the JSON's path."""
+    out = Path(out_dir)
+    rng = random.Random(f"world:source-ocr:{seed}")
+    records = []
+    for skill in SOURCE_SKILLS:
+        for i, ex in enumerate(examples(skill, "source", seed, per_skill)):
+            if skill == "textvqa":
+                ex.extra["with_ocr"] = rng.random() < 0.5
+            image = f"{skill}_{i:05d}.png"
+            _save(ex.image, out / "images" / image)
+            for k, (_, answer) in enumerate(ex.qa):
+                records.append({"id": f"{skill}_{i}_{k}", "image": image, "conversations": [
+                    {"from": "human", "value": "<image>\n" + source_prompt(skill, ex, k)},
+                    {"from": "gpt", "value": answer}]})
+    random.Random(f"world:source-order:{seed}").shuffle(records)  # the first --corda_samples cover every skill
+    write_json(out / "train.json", records)
+    return out / "train.json"

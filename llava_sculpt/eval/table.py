@@ -14,7 +14,8 @@ Columns: OKVQA, OCRVQA, GQA, TextVQA, Source, Target, Avg with
     Target = the target score (IconQA accuracy or COCO CIDEr x 100)
     Avg    = (Source + Target) / 2             (REFERENCE.md section 4; paper Table 1)
 Rows: the zero-shot row first, then one group per LoRA rank (ascending), methods in the paper's order
-(LoRA, DoRA, L2-Reg, Orth-Reg, Model Tailor, DARE, then unknown methods by name, LoRASculpt last).
+(LoRA, DoRA, L2-Reg, Orth-Reg, Model Tailor, DARE, the related methods of METHOD_NAMES, then unknown
+methods by name, LoRASculpt last).
 Within each rank group, per column, the best and second-best values (compared as displayed, 2 decimals;
 ties share the mark; the zero-shot row is not ranked; a column with fewer than two values in the group
 is not marked) are marked - markdown: **bold** / <u>underline</u>,
@@ -44,7 +45,12 @@ TARGETS = {"iconqa": "IconQA", "coco": "COCO-Caption"}
 ZERO_SHOT = "zero-shot"
 # normalised method key -> display name, in the paper's row order
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "l2reg": "L2-Reg", "orthreg": "Orth-Reg",
-                "modeltailor": "Model Tailor", "dare": "DARE", "sculpt": "LoRASculpt"}
+                "modeltailor": "Model Tailor", "dare": "DARE", "sculpt": "LoRASculpt",
+                # the related methods (README "Methods"), listed after the paper's, before LoRASculpt
+                "intruders": "Intruders", "magnitudemask": "MagnitudeMask", "spider": "SPIDER",
+                "asymlora": "AsymLoRA", "loragaussian": "LoRA (Gaussian init)", "lorapissa": "LoRA (PiSSA init)",
+                "loraolora": "LoRA (OLoRA init)", "loraeva": "LoRA (EVA init)",
+                "loracorda": "LoRA (CorDA-KPM init)"}
 METHOD_ALIASES = {"lorasculpt": "sculpt", "l2": "l2reg", "orth": "orthreg", "tailor": "modeltailor"}
 FORMATS = ("md", "csv", "json")
 
