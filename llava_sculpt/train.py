@@ -127,6 +127,10 @@ class TrainingArguments(transformers.TrainingArguments):
                               "choices": ["kpm", "ipm"]})
     corda_samples: int = field(default=256, metadata={"help": "how many --corda_data samples (the first ones) "
                                "the covariances are collected over"})
+    eva_batch_size: int = field(default=0, metadata={"help": "--init_lora_weights eva: batch size of its SVD "
+                                "pass (default 0 = the training batch size, raised until a batch holds the "
+                                "round(2 r) label tokens PEFT's per-batch SVD needs: short answers such as "
+                                "IconQA's letter give ~2 per sample)"})
     eval_benchmarks: str = field(default="", metadata={"help": "evaluation during training: comma-separated "
                                  "benchmark specs of `llava-sculpt eval` (names in eval/*.json, e.g. okvqa,gqa,iconqa, "
                                  "or spec files), scored at each --eval_every point into RUN_DIR/eval_curve.jsonl "

@@ -186,3 +186,32 @@ def test_flag_validation(tiny_dir, tmp_path):
         from helpers import train_args
 
         main(train_args(tiny_dir, tmp_path / "x", "--init_lora_weights", "corda"))
+
+
+def test_eva_batch_size_rule_by_hand():
+    """PEFT skips a batch with fewer than round(rho r) tokens: the batch grows until the fewest-token samples
+    seen fill it; an explicit --eva_batch_size wins."""
+    from llava_sculpt.methods.lora_init import eva_batch_size, eva_tokens
+
+    assert eva_batch_size(0, 16, 64, [2, 3, 2]) == 32  # IconQA-like: a letter + </s> per sample, rank 32
+    assert eva_batch_size(0, 16, 16, [2, 9]) == 16     # the training batch already suffices
+    assert eva_batch_size(0, 1, 32, [5, 7]) == 7       # ceil(32 / 5)
+    assert eva_batch_size(48, 16, 64, [1]) == 48
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+             "labels": torch.tensor([[-100, -100, 7, 2, -100], [-100, 5, 6, 7, 2]])}
+    assert eva_tokens(batch).tolist() == [2, 4] and eva_tokens(batch, use_label_mask=False).tolist() == [4, 5]
+
+
+def test_eva_with_too_few_tokens_per_batch(tiny_dir, tmp_path, capsys):
+    """Rank 16 (32 components) at batch size 1 (the tiny data has 4-20 label tokens per sample): PEFT alone
+    would cycle over the data forever; the batch is raised and training runs, and a batch size forced too
+    small ends with a clear error instead of a hang."""
+    args = ["--init_lora_weights", "eva", "--lora_r", "16", "--lora_alpha", "32", "--per_device_train_batch_size", "1"]
+    assert run_train(tiny_dir, tmp_path / "auto", *args, steps=1) == 0
+    out = capsys.readouterr().out
+    assert "32 components (rank 16 x rho 2) over batches of 8" in out  # ceil(32 / 4): 4 tokens in sample 0
+    config = json.loads((tmp_path / "auto" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "eva"
+    assert run_train(tiny_dir, tmp_path / "forced", *args, "--eva_batch_size", "1", steps=1) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no batch of batch size 1 holds the 32 tokens PEFT's SVD needs" in err

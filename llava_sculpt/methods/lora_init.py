@@ -9,6 +9,8 @@
               directions LEAST used by the source data) or ipm (instruction-previewed: the most used)   (CorDA)
     eva       A = the top right-singular vectors of each layer's inputs on the training data, B = 0; ranks may
               be redistributed across layers (PEFT's EvaConfig defaults)                              (EVA)
+              PEFT's per-batch SVD needs round(2 r) label tokens in a batch and loops forever when no batch
+              has them: the batch size is raised to fit (--eva_batch_size), and a stuck loop is stopped.
 
 pissa / olora / corda change the base weights.  The initial adapter is written to RUN_DIR/initial_lora_adapter
 before training, and every save (checkpoint-N and the final adapter) converts the trained adapter with PEFT's
@@ -68,6 +70,10 @@ def validate(training_args, uses_lora: bool = True, method: str | None = None) -
     init = init_name(training_args)
     if init not in INIT_CHOICES:
         raise UserError(f"--init_lora_weights {init}: expected one of {', '.join(INIT_CHOICES)}")
+    eva_batch = getattr(training_args, "eva_batch_size", 0)
+    if eva_batch < 0 or (eva_batch and init != "eva"):
+        raise UserError(f"--eva_batch_size {eva_batch}: expected 0 (auto) or a positive batch size, and only with "
+                        f"--init_lora_weights eva (got {init})")
     if init == "default":
         return
     if not uses_lora:
@@ -201,24 +207,80 @@ def preprocess_corda(model, config, run) -> None:
     peft_preprocess_corda(model, config, run_model=run_model)
 
 
+# EVA is declared not converging after this many batches (or passes over the data, whichever is more); a small
+# dataset is cycled over: the tiny test data (3-12 batches a pass) converges in 26-45 batches
+EVA_MAX_BATCHES, EVA_MAX_PASSES = 1000, 5
+
+
+class _EvaStopped(Exception):
+    pass
+
+
+def eva_tokens(batch: dict, use_label_mask: bool = True) -> torch.Tensor:
+    """Per sample, the tokens PEFT's EVA takes into its SVD (`prepare_model_inputs_fn_language_modeling`):
+    attended positions, with the label mask the supervised (answer) positions only."""
+    mask = batch["attention_mask"].bool()
+    if use_label_mask:
+        mask = mask & (batch["labels"] != -100)
+    return mask.sum(dim=1)
+
+
+def eva_batch_size(requested: int, train_batch_size: int, n_components: int, tokens_per_sample: list[int]) -> int:
+    """EVA's batch size.  PEFT runs an incremental SVD per batch and SKIPS a batch holding fewer than
+    n_components (= round(rho r)) tokens; when every batch is skipped its loop over the data never ends.  Short
+    answers (IconQA's one letter: ~2 label tokens per sample) hit that at LLaVA's batch size 16 from rank 16 on.
+    Auto (requested 0): the training batch size, raised until even a batch of the fewest-token samples seen
+    holds n_components tokens."""
+    if requested > 0:
+        return requested
+    fewest = max(1, min(tokens_per_sample)) if tokens_per_sample else 1
+    return max(train_batch_size, -(-n_components // fewest))
+
+
 def initialize_eva(peft_model, run) -> None:
-    """PEFT's `initialize_lora_eva_weights` over the training set (in file order, the training batch size)."""
+    """PEFT's `initialize_lora_eva_weights` over the training set (in file order; batch size `eva_batch_size`),
+    stopped with a clear error where PEFT would loop forever."""
     from peft import initialize_lora_eva_weights
 
     train = run.training_args
-    loader = make_loader(run, run.data_args.data_path, run.data_args.image_folder, train.per_device_train_batch_size)
+    config = peft_model.peft_config[peft_model.active_adapter]
+    eva = config.eva_config
+    n_components = round(config.r * eva.rho)
+    probe = make_loader(run, run.data_args.data_path, run.data_args.image_folder, train.per_device_train_batch_size)
+    tokens = eva_tokens(next(iter(probe)), eva.use_label_mask).tolist()
+    batch_size = eva_batch_size(getattr(train, "eva_batch_size", 0), train.per_device_train_batch_size, n_components,
+                                tokens)
+    loader = make_loader(run, run.data_args.data_path, run.data_args.image_folder, batch_size)
+    print(f"eva: SVD of the layer inputs, {n_components} components (rank {config.r} x rho {eva.rho:g}) over "
+          f"batches of {batch_size} (fewest {'label ' if eva.use_label_mask else ''}tokens per sample in the "
+          f"first batch: {min(tokens) if tokens else 0})")
     _to_training_device(peft_model, run)
+    calls = {"forward": 0, "usable": 0}
+    limit = max(EVA_MAX_BATCHES, EVA_MAX_PASSES * len(loader))
 
     def forward(model, inputs):
+        calls["forward"] += 1
+        calls["usable"] += int(eva_tokens(inputs, eva.use_label_mask).sum()) >= n_components
+        if calls["forward"] > len(loader) and not calls["usable"]:
+            raise _EvaStopped(f"--init_lora_weights eva: no batch of batch size {batch_size} holds the "
+                              f"{n_components} tokens PEFT's SVD needs per batch (rank {config.r} x rho {eva.rho:g}); "
+                              "pass a larger --eva_batch_size or a smaller --lora_r")
+        if calls["forward"] > limit:
+            raise _EvaStopped(f"--init_lora_weights eva: the SVD did not converge within {limit} batches of "
+                              f"{batch_size} ({limit / len(loader):.0f} passes over the {len(loader.dataset)} training "
+                              f"samples; tau {eva.tau}); use a larger --eva_batch_size or another --init_lora_weights")
         inputs = _to_model(inputs, model)
         inputs.pop("labels", None)  # the label mask is PEFT's (prepare_model_inputs_fn); no loss needed
         return model(**inputs)
 
     was_training = peft_model.training
     peft_model.eval()
-    with torch.no_grad():
-        initialize_lora_eva_weights(peft_model, loader, forward_fn=forward, gather_distributed_inputs=False,
-                                    show_progress_bar=False)
+    try:
+        with torch.no_grad():
+            initialize_lora_eva_weights(peft_model, loader, forward_fn=forward, gather_distributed_inputs=False,
+                                        show_progress_bar=False)
+    except _EvaStopped as err:
+        raise UserError(str(err)) from None
     peft_model.train(was_training)
 
 
