@@ -1,7 +1,8 @@
 # Entry points for a fresh machine (see README):
 #   make demo          the paper's Table 1 in miniature on CPU: a tiny LLaVA pre-trained on four source skills,
 #                      LoRA and LoRASculpt x 2 ranks x 3 seeds on the IconQA-style target (<= 10 min)
-#   make table1-tiny   every --method x 2 ranks x 3 seeds x both targets, with the LoRASculpt ablation
+#   make table1-tiny   every --method and LoRA initialisation x 2 ranks x 3 seeds x both targets, with the
+#                      LoRASculpt ablation (~36 min on 2 cores)
 #   make bench         speed / memory ratios of LoRASculpt's pieces, side by side
 #   make test          the test suite
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
