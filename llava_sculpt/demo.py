@@ -559,7 +559,7 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         flags = train_flags(settings, args.train_flags, 8, 0, model, data_root, Path("unused"))
         # the run's identity (paths, method, rank, seed) stays the script's; only the settings are the demo's
         skip = {"--method", "--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--lora_r",
-                "--lora_alpha", "--seed"}
+                "--lora_alpha", "--seed", "--init_lora_weights"}  # finetune.sh maps METHOD=lora-INIT itself
         kept = [x for i in range(0, len(flags), 2) if flags[i] not in skip for x in flags[i:i + 2]]
         print("TINY_TRAIN_FLAGS=(" + " ".join(shlex.quote(x) for x in kept) + ")")
     return 0

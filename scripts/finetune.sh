@@ -17,7 +17,10 @@
 #   DATA_PATH      LLaVA training JSON of the target task (`llava-sculpt prepare TARGET ...` writes train.json)
 #   IMAGE_FOLDER   folder the JSON's image paths are relative to
 #   METHOD         lora | sculpt | dora | l2 | orth | dare | tailor | intruders | spider | magnitude_mask |
-#                  asymlora (default lora); PEFT's initialisations are flags: --init_lora_weights pissa ...
+#                  asymlora (default lora), or lora-INIT = lora with --init_lora_weights INIT (gaussian, pissa,
+#                  olora, eva, corda; lora-corda is CorDA-KPM and needs CORDA_DATA below)
+#   CORDA_DATA     METHOD=lora-corda: a LLaVA training JSON of SOURCE-task samples (CORDA_IMAGE_FOLDER: its
+#                  image folder, default IMAGE_FOLDER); the embedded default brings its own
 #   TARGET         iconqa | coco (only names the run)          LORA_R   16 | 32 | 64 (default 32)
 #   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R} in this repository
 #   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
@@ -28,7 +31,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 source "$HERE/_paths.sh"
-resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG WORLD_DIR RUNS_DIR
+resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG WORLD_DIR RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
 
 METHOD=${METHOD:-lora}
 TARGET=${TARGET:-iconqa}
@@ -54,6 +57,15 @@ need_dir IMAGE_FOLDER "the folder its image paths are relative to"
 [[ $LORA_R =~ ^[1-9][0-9]*$ ]] || script_error "LORA_R=$LORA_R is not a positive integer (the LoRA rank: 16, 32 or 64)"
 OUTPUT_DIR=${OUTPUT_DIR:-$REPO/playground/runs/${METHOD}_${TARGET}_r${LORA_R}}
 need_output_dir OUTPUT_DIR
+TRAIN_METHOD=$METHOD INIT_FLAGS=()
+case $METHOD in
+  lora-*)
+    TRAIN_METHOD=lora INIT_FLAGS=(--init_lora_weights "${METHOD#lora-}")
+    if [ "$METHOD" = lora-corda ] && [ ${#TINY_TRAIN_FLAGS[@]} -eq 0 ]; then  # the embedded default has its own
+      need_file CORDA_DATA "a LLaVA training JSON of SOURCE-task samples whose layer-input covariances orient CorDA"
+      INIT_FLAGS+=(--corda_method kpm --corda_data "$CORDA_DATA" --corda_image_folder "${CORDA_IMAGE_FOLDER:-$IMAGE_FOLDER}")
+    fi ;;
+esac
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
@@ -64,7 +76,7 @@ DS_CONFIG=${DS_CONFIG:-$REPO/configs/zero2.json}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 args=(
-  --method "$METHOD"
+  --method "$TRAIN_METHOD" ${INIT_FLAGS[@]+"${INIT_FLAGS[@]}"}
   --model_name_or_path "$MODEL_BASE" --version v1
   --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER"
   --image_aspect_ratio pad --group_by_modality_length True

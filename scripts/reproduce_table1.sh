@@ -74,15 +74,10 @@ for target in $TARGETS; do
           run="$RUNS_DIR/$target/${method}" ;;
       esac
       echo "== $target / $method / rank $rank -> $run" >&2
-      method_args=() train_method=$method
-      case $method in
-        tailor) method_args=(--tailor_compat official) ;;  # the paper's numbers: see above
-        lora-corda) train_method=lora method_args=(--init_lora_weights corda --corda_method kpm --corda_data "$CORDA_DATA"
-                      --corda_image_folder "${CORDA_IMAGE_FOLDER:-$image_folder}") ;;
-        lora-*) train_method=lora method_args=(--init_lora_weights "${method#lora-}") ;;
-      esac
-      if [ ! -f "$run/training_complete.json" ]; then
-        METHOD=$train_method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
+      method_args=()
+      case $method in tailor) method_args=(--tailor_compat official) ;; esac  # the paper's numbers: see above
+      if [ ! -f "$run/training_complete.json" ]; then  # finetune.sh maps lora-INIT (and CORDA_DATA) to flags
+        METHOD=$method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
           IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" ${method_args[@]+"${method_args[@]}"} "${train_args[@]}"
       fi
       model=$run

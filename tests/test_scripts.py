@@ -81,6 +81,23 @@ def test_mission_scripts_run_on_the_embedded_default_with_no_path_variables(tmp_
     assert "IconQA" in proc.stdout and "LoRASculpt" in proc.stdout
 
 
+def test_finetune_script_lora_init_methods(user_dir):
+    """METHOD=lora-INIT is `--method lora --init_lora_weights INIT`; lora-corda (CorDA-KPM) needs CORDA_DATA."""
+    paths = dict(MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json", IMAGE_FOLDER="tiny/data/images", LORA_R=4)
+    proc = run_script("finetune.sh", user_dir, "--max_steps", "1", METHOD="lora-corda", OUTPUT_DIR="runs/c0", **paths)
+    assert proc.returncode == 2 and "set CORDA_DATA (a LLaVA training JSON of SOURCE-task samples" in proc.stderr
+    assert not (user_dir / "runs").exists()
+    proc = run_script("finetune.sh", user_dir, "--max_steps", "1", "--per_device_train_batch_size", "2",
+                      "--disable_tqdm", "True", METHOD="lora-corda", OUTPUT_DIR="runs/corda",
+                      CORDA_DATA="tiny/data/train.json", **paths)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((user_dir / "runs" / "corda" / "run_args.json").read_text())
+    args = record["training_args"]
+    assert record["method"] == "lora" and args["init_lora_weights"] == "corda" and args["corda_method"] == "kpm"
+    assert args["corda_data"] == str(user_dir.resolve() / "tiny" / "data" / "train.json")  # as given, made absolute
+    assert args["corda_image_folder"] == str(user_dir.resolve() / "tiny" / "data" / "images")
+
+
 def test_finetune_lora_iconqa_script_with_paths_relative_to_the_caller(user_dir):
     """Inputs read and outputs written relative to the caller's folder, then the eval script the same way."""
     proc = run_script("finetune_lora_iconqa.sh", user_dir, "--max_steps", "2", "--per_device_train_batch_size", "2",
