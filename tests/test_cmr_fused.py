@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,24 +267,12 @@ def test_triton_kernel_in_interpreter_mode():
 
 # ------------------------------------------------------------------------------------------- training
 def _tiny_sculpt(tiny_dir, impl):
-    from llava_sculpt.methods.base import RunContext
+    """LoRASculpt (connector included) on the tiny model with random non-zero B, the CMR recomputed per call."""
     from llava_sculpt.methods.sculpt import SculptArguments, SculptMethod
-    from llava_sculpt.model.load import load_base_model
+    from test_sculpt_train import _tiny_peft
 
-    torch.manual_seed(0)
-    model = load_base_model(str(tiny_dir / "model"))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    run = RunContext(None, None, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none",
-                                                 process_index=0))
     method = SculptMethod(SculptArguments(cmr_impl=impl, cmr_chunk_rows=5, sculpt_connector=True))
-    torch.manual_seed(1)
-    model = method.inject(model, run)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    _tiny_peft(tiny_dir, method)
     method._run = None
     return method
 
