@@ -250,7 +250,11 @@ def initialize_eva(peft_model, run) -> None:
     tokens = eva_tokens(next(iter(probe)), eva.use_label_mask).tolist()
     batch_size = eva_batch_size(getattr(train, "eva_batch_size", 0), train.per_device_train_batch_size, n_components,
                                 tokens)
-    loader = make_loader(run, run.data_args.data_path, run.data_args.image_folder, batch_size)
+    loader = probe
+    if batch_size != probe.batch_size:  # the same dataset and collator, read once
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(probe.dataset, batch_size=batch_size, shuffle=False, collate_fn=probe.collate_fn)
     print(f"eva: SVD of the layer inputs, {n_components} components (rank {config.r} x rho {eva.rho:g}) over "
           f"batches of {batch_size} (fewest {'label ' if eva.use_label_mask else ''}tokens per sample in the "
           f"first batch: {min(tokens) if tokens else 0})")
