@@ -245,6 +245,17 @@ def source_prompt(task: str, example: Example, k: int) -> str:
     return question + SHORT_ANSWER_SUFFIX
 
 
+def source_questions(skill: str, split: str, seed: int, n: int, rng: random.Random):
+    """(example index, example, question index, prompt, answer) for every question of `examples(skill, split,
+    seed, n)`, prompts as `prepare` writes them; a TextVQA example carries LLaVA's OCR line with probability 1/2
+    (drawn from `rng`, one draw per example)."""
+    for i, ex in enumerate(examples(skill, split, seed, n)):
+        if skill == "textvqa":
+            ex.extra["with_ocr"] = rng.random() < 0.5
+        for k, (_, answer) in enumerate(ex.qa):
+            yield i, ex, k, source_prompt(skill, ex, k), answer
+
+
 def _save(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".png":
@@ -382,15 +393,12 @@ def write_source_training(out_dir: str | Path, seed: int = 0, per_skill: int = 6
     rng = random.Random(f"world:source-ocr:{seed}")
     records = []
     for skill in SOURCE_SKILLS:
-        for i, ex in enumerate(examples(skill, "source", seed, per_skill)):
-            if skill == "textvqa":
-                ex.extra["with_ocr"] = rng.random() < 0.5
+        for i, ex, k, prompt, answer in source_questions(skill, "source", seed, per_skill, rng):
             image = f"{skill}_{i:05d}.png"
-            _save(ex.image, out / "images" / image)
-            for k, (_, answer) in enumerate(ex.qa):
-                records.append({"id": f"{skill}_{i}_{k}", "image": image, "conversations": [
-                    {"from": "human", "value": "<image>\n" + source_prompt(skill, ex, k)},
-                    {"from": "gpt", "value": answer}]})
+            if k == 0:
+                _save(ex.image, out / "images" / image)
+            records.append({"id": f"{skill}_{i}_{k}", "image": image, "conversations": [
+                {"from": "human", "value": "<image>\n" + prompt}, {"from": "gpt", "value": answer}]})
     random.Random(f"world:source-order:{seed}").shuffle(records)  # the first --corda_samples cover every skill
     write_json(out / "train.json", records)
     return out / "train.json"

@@ -44,11 +44,8 @@ def build_pool(processor, model_config, seed: int, per_skill: int = POOL_PER_SKI
     for skill in world.SOURCE_SKILLS:
         # spatial questions (GQA) are learnt last: twice the examples; OCR-VQA asks two questions per cover
         count = 2 * per_skill if skill == "gqa" else per_skill
-        for ex in world.examples(skill, "pretrain", seed, count):
-            if skill == "textvqa":
-                ex.extra["with_ocr"] = rng.random() < 0.5
-            for k, (_, answer) in enumerate(ex.qa):
-                add(skill, world.source_prompt(skill, ex, k), answer, ex.image)
+        for _, ex, _, prompt, answer in world.source_questions(skill, "pretrain", seed, count, rng):
+            add(skill, prompt, answer, ex.image)
     for prompt, letter in world.letter_examples("pretrain", seed, per_skill):
         add("letters", prompt, letter, None)
     images = [it["image"] for it in pool if it["image"] is not None]
