@@ -130,8 +130,7 @@ def world_data(data_root: str | Path, benchmarks: Sequence[str], seed: int = 0, 
     stamp = {"recipe": WORLD_RECIPE, "seed": seed, "questions": questions, "num_train": num_train}
     for bench in benchmarks:
         out, raw = root / bench, root / "raw" / bench
-        stamp_path = out / "world.json"
-        if (out / "manifest.json").is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        if _built_with(out, "manifest.json", stamp):
             continue
         import shutil
 
@@ -143,8 +142,14 @@ def world_data(data_root: str | Path, benchmarks: Sequence[str], seed: int = 0, 
         with _quiet(root / "logs" / f"prepare_{bench}.log"):
             if prepare(args) != 0:
                 raise UserError(f"llava-sculpt prepare {' '.join(args)} failed")
-        write_json_atomic(stamp_path, stamp)
+        write_json_atomic(out / "world.json", stamp)
     return root
+
+
+def _built_with(out: Path, product: str, stamp: dict) -> bool:
+    """Whether OUT holds `product` written with these settings (OUT/world.json, written after it)."""
+    stamp_path = out / "world.json"
+    return (out / product).is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
 
 
 class _quiet:
@@ -231,14 +236,13 @@ def corda_source(data_root: Path, seed: int = 0) -> Path:
 
     out = Path(data_root) / CORDA_SOURCE
     stamp = {"recipe": WORLD_RECIPE, "seed": seed, "per_skill": CORDA_PER_SKILL}
-    stamp_path = out / "world.json"
-    if stamp_path.is_file() and (out / "train.json").is_file() and json.loads(stamp_path.read_text()) == stamp:
+    if _built_with(out, "train.json", stamp):
         return out
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     write_source_training(out, seed=seed, per_skill=CORDA_PER_SKILL)
-    write_json_atomic(stamp_path, stamp)
+    write_json_atomic(out / "world.json", stamp)
     return out
 
 
