@@ -11,6 +11,14 @@
 #   need_dir / need_file VAR HINT     ... unless VAR names an existing folder / file
 #   need_model VAR HINT     ... unless VAR is a folder holding config.json (a Hugging Face checkpoint)
 #   need_output_dir VAR     ... if VAR names something that exists but is not a folder
+#   project_python REPO     set and export PYTHON, the interpreter EVERY step of a script runs (and the scripts it
+#                           calls inherit): PYTHON if set (a path is made absolute), else REPO/.venv/bin/python
+#                           (what `make install` creates) when it exists, else `python` on PATH; REPO goes first
+#                           on PYTHONPATH, so this checkout's llava_sculpt runs; exit 2 with one
+#                           line saying what to run when that interpreter cannot import llava_sculpt or one of
+#                           its dependencies
+#   wrapper_fixes M T       in finetune_M_T.sh: exit 2 when METHOD or TARGET is set in the environment to another
+#                           value (the wrapper would silently train M on T), pointing to finetune.sh
 #   stage LOG TEXT CMD...   one line for one stage of a long job, "[  42s] TEXT ... done (7s)" (time since the
 #                           script started, then the stage's own), CMD's output appended to LOG; if CMD fails:
 #                           the end of LOG on stderr and exit with CMD's status
@@ -37,6 +45,36 @@ resolve_command() {
     case ${!1:-} in
         */*) printf -v "$1" '%s' "$(abs_path "${!1}")" ;;
     esac
+}
+
+project_python() {
+    local repo=$1 missing
+    resolve_command PYTHON
+    if [ -z "${PYTHON:-}" ]; then
+        if [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python; else PYTHON=python; fi
+    fi
+    export PYTHON
+    # the scripts run THIS checkout's llava_sculpt, whichever interpreter runs it
+    export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+    # find_spec, not import: a second, not the ten that importing torch + transformers takes on a small CPU
+    missing=$("$PYTHON" -c 'import importlib.util as u
+print(" ".join(m for m in ("llava_sculpt", "torch", "transformers", "peft", "accelerate", "safetensors", "PIL",
+                           "tqdm", "matplotlib") if u.find_spec(m) is None))' 2>/dev/null) \
+        || missing="(it does not run)"
+    [ -z "$missing" ] || script_error "the interpreter $PYTHON lacks $missing: run \`make install\` in $repo" \
+        "(it creates $repo/.venv, which every script then uses), or set PYTHON=<a python with llava-sculpt installed>"
+}
+
+wrapper_fixes() {
+    local method=$1 target=$2 name fixed
+    for name in METHOD TARGET; do
+        fixed=$method; [ "$name" = METHOD ] || fixed=$target
+        if [ -n "${!name:-}" ] && [ "${!name}" != "$fixed" ]; then
+            script_error "$name=${!name} is set, but $(basename "$0") always trains METHOD=$method on" \
+                "TARGET=$target; for another method or target run \`METHOD=${METHOD:-$method}" \
+                "TARGET=${TARGET:-$target} bash $(dirname "$0")/finetune.sh\` (or unset $name)"
+        fi
+    done
 }
 
 script_error() {

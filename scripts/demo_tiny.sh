@@ -9,8 +9,9 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
+project_python "$(dirname "$HERE")"
 resolve_paths DEMO
 cd "$HERE/.."
 DEMO=${DEMO:-playground/demo}
 need_output_dir DEMO
-exec python -m llava_sculpt.cli demo --out "$DEMO" "$@"
+exec "$PYTHON" -m llava_sculpt.cli demo --out "$DEMO" "$@"

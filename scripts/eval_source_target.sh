@@ -30,7 +30,8 @@
 #   COMPAT         official (default) | paper: the LoRASculpt release's scorers
 #   BENCHMARKS     benchmarks to run (default "okvqa ocrvqa gqa textvqa" + the target)
 #   SPEC_DIR       folder of the benchmark specs (default: eval/ of this repository)
-#   PYTHON         python interpreter with llava-sculpt installed (default python)
+#   PYTHON         the interpreter of every step (default: this repository's .venv/bin/python, made by `make
+#                  install`, when it exists, else python on PATH)
 # Paths (MODEL_PATH, DATA_ROOT, EVAL_DIR, MODEL_BASE, SPEC_DIR, PYTHON) are relative to the folder you run
 # the script from; MODEL_PATH and DATA_ROOT are checked before anything is written.
 # Rerunning resumes: answered questions are skipped, complete benchmarks are only re-scored.
@@ -41,6 +42,8 @@ if [ $# -gt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] || { [ $# -eq 
     exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$HERE/_paths.sh"
+project_python "$(dirname "$HERE")"
 if [ $# -eq 0 ]; then
     METHOD=${METHOD:-sculpt} TARGET=${TARGET:-iconqa} LORA_R=${LORA_R:-32}
     [ -z "${RUNS_DIR:-}" ] || RUNS_DIR=$(realpath -m -s -- "$RUNS_DIR")
@@ -50,7 +53,7 @@ if [ $# -eq 0 ]; then
     [ -d "$MODEL_PATH" ] || { echo "error: $MODEL_PATH does not exist; train it first with" \
         "\`METHOD=$METHOD LORA_R=$LORA_R bash scripts/finetune_${METHOD}_${TARGET}.sh\` (no path variables set)" >&2; exit 2; }
     [ -z "${WORLD_DIR:-}" ] || WORLD_DIR=$(realpath -m -s -- "$WORLD_DIR")
-    world=$(cd "$(dirname "$HERE")" && "${PYTHON:-python}" -m llava_sculpt.cli world --shell \
+    world=$(cd "$(dirname "$HERE")" && "$PYTHON" -m llava_sculpt.cli world --shell \
             --world-dir "${WORLD_DIR:-$(dirname "$HERE")/playground/tiny_world}" \
             --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET") || { echo "error: could not build the embedded default" >&2; exit 2; }
     eval "$world"
@@ -64,14 +67,11 @@ if [ -z "${DATA_ROOT:-}" ]; then
     echo "       each the --out-dir of \`llava-sculpt prepare\`), e.g. DATA_ROOT=/data/eval $0 $*" >&2
     exit 2
 fi
-source "$HERE/_paths.sh"
 resolve_paths MODEL_PATH DATA_ROOT EVAL_DIR MODEL_BASE SPEC_DIR
-resolve_command PYTHON
 need_dir MODEL_PATH "a \`llava-sculpt train\` run or checkpoint folder, or a merged Hugging Face checkpoint"
 need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs, DATA_ROOT/okvqa, DATA_ROOT/gqa, ..."
 [ -z "${MODEL_BASE:-}" ] || need_model MODEL_BASE "the base checkpoint of the adapter"
 [ -z "${SPEC_DIR:-}" ] || need_dir SPEC_DIR "a folder of benchmark specs like eval/"
-PYTHON=${PYTHON:-python}
 export LLAVA_SCULPT_SPEC_DIR=${SPEC_DIR:-$(dirname "$HERE")/eval}
 EVAL_DIR=${EVAL_DIR:-$MODEL_PATH/eval}
 need_output_dir EVAL_DIR

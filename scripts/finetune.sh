@@ -25,12 +25,15 @@
 #   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R} in this repository
 #   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
 #   DS_CONFIG      default configs/zero2.json of this repository
+#   PYTHON         the interpreter of every step (default: this repository's .venv/bin/python, made by `make
+#                  install`, when it exists, else python on PATH)
 # Extra arguments are passed to `llava-sculpt train` last, so they override the settings above
 # (e.g. --max_steps 5 --per_device_train_batch_size 2 for a smoke run, or method flags like --sculpt_ratio 0.05).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
 source "$HERE/_paths.sh"
+project_python "$REPO"
 resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG WORLD_DIR RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
 
 METHOD=${METHOD:-lora}
@@ -41,7 +44,7 @@ if [ -z "${MODEL_BASE:-}${DATA_PATH:-}${IMAGE_FOLDER:-}" ]; then
   echo "MODEL_BASE, DATA_PATH and IMAGE_FOLDER are not set: fine-tuning the embedded default (the demo's pre-trained" \
        "tiny LLaVA on the synthetic $TARGET world, CPU). For LLaVA-1.5-7B set MODEL_BASE=checkpoints/llava-1.5-7b-hf" \
        "DATA_PATH=playground/data/$TARGET/train.json IMAGE_FOLDER=<its image folder>." >&2
-  world=$(cd "$REPO" && python -m llava_sculpt.cli world --shell --world-dir "${WORLD_DIR:-$REPO/playground/tiny_world}" \
+  world=$(cd "$REPO" && "$PYTHON" -m llava_sculpt.cli world --shell --world-dir "${WORLD_DIR:-$REPO/playground/tiny_world}" \
           --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET" \
           --target "$TARGET" --train-flags "$METHOD") || script_error "could not build the embedded default (llava-sculpt world)"
   eval "$world"
@@ -67,13 +70,12 @@ case $METHOD in
     fi ;;
 esac
 if [ -z "${NUM_GPUS:-}" ]; then
-  NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
 [[ $NUM_GPUS =~ ^[0-9]+$ ]] || script_error "NUM_GPUS=$NUM_GPUS is not a number of GPUs (0 = CPU run)"
 DS_CONFIG=${DS_CONFIG:-$REPO/configs/zero2.json}
 [ "$NUM_GPUS" -eq 0 ] || need_file DS_CONFIG "a DeepSpeed config, e.g. configs/zero2.json"
 # no cd: extra arguments with paths (--resume_from_checkpoint ...) stay relative to the caller's folder too
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 args=(
   --method "$TRAIN_METHOD" ${INIT_FLAGS[@]+"${INIT_FLAGS[@]}"}
@@ -91,9 +93,10 @@ args=(
   --output_dir "$OUTPUT_DIR"
 )
 if [ "$NUM_GPUS" -gt 0 ]; then
-  exec deepspeed --num_gpus "$NUM_GPUS" "$REPO/llava_sculpt/train.py" "${args[@]}" \
+  # DeepSpeed's launcher (the `deepspeed` command) run by PYTHON, so every rank runs PYTHON too
+  exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" "$REPO/llava_sculpt/train.py" "${args[@]}" \
     --deepspeed "$DS_CONFIG" --bf16 True --tf32 True --attn_implementation "${ATTN:-sdpa}" "$@"
 else
   [ ${#TINY_TRAIN_FLAGS[@]} -gt 0 ] || echo "no GPU: CPU run without DeepSpeed, fp32 (use the embedded model: see README)" >&2
-  exec python -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "${TINY_TRAIN_FLAGS[@]}" "$@"
+  exec "$PYTHON" -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "${TINY_TRAIN_FLAGS[@]}" "$@"
 fi

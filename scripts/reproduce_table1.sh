@@ -34,9 +34,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
+project_python "$(dirname "$HERE")"
 resolve_paths MODEL_BASE DATA_ROOT RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
-resolve_command PYTHON
-PYTHON=${PYTHON:-python}
 need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
 need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
 RUNS_DIR=${RUNS_DIR:-$(dirname "$HERE")/playground/table1}
@@ -57,7 +56,6 @@ for target in $TARGETS; do
     "training data of target $target): run \`llava-sculpt prepare $target --out-dir $DATA_ROOT/$target ...\`"
 done
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
-export PYTHON
 
 echo "== zero-shot" >&2
 EVAL_DIR="$RUNS_DIR/zero-shot" bash "$HERE/eval_zero_shot.sh" "$MODEL_BASE"

@@ -8,18 +8,17 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
+project_python "$(dirname "$HERE")"
 resolve_paths OUT
-resolve_command PYTHON
 cd "$HERE/.."
-PYTHON=${PYTHON:-python}
 OUT=${OUT:-playground/table1_tiny}
 need_output_dir OUT
-llava-sculpt tiny --output-dir "$OUT/tiny" --seed 0 > /dev/null
+"$PYTHON" -m llava_sculpt.cli tiny --output-dir "$OUT/tiny" --seed 0 > /dev/null
 for dataset in iconqa coco okvqa ocrvqa gqa textvqa; do
   if [ ! -f "$OUT/data/$dataset/manifest.json" ]; then
     "$PYTHON" -c "from llava_sculpt.data.prepare.synthetic_raw import write_raw_fixture as w; import sys; w(sys.argv[1], sys.argv[2], seed=0, n=8)" \
       "$dataset" "$OUT/raw/$dataset"
-    llava-sculpt prepare "$dataset" --raw-dir "$OUT/raw/$dataset" --out-dir "$OUT/data/$dataset" > /dev/null
+    "$PYTHON" -m llava_sculpt.cli prepare "$dataset" --raw-dir "$OUT/raw/$dataset" --out-dir "$OUT/data/$dataset" > /dev/null
   fi
 done
 MODEL_BASE="$OUT/tiny/model" DATA_ROOT="$OUT/data" RUNS_DIR="$OUT/runs" NUM_GPUS=0 \

@@ -183,16 +183,21 @@ def test_finetune_gpu_command_gets_absolute_paths(user_dir):
     path is absolute, the train script is the repository's, and it runs in the caller's folder."""
     bin_dir = user_dir / "bin"
     bin_dir.mkdir()
-    stub = bin_dir / "deepspeed"
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$PYTHONPATH" "$@" > launched.txt\n')
+    # PYTHON runs DeepSpeed's launcher (`python -m deepspeed.launcher.runner` is the `deepspeed` command): a stand-in
+    # interpreter that answers the scripts' own checks (-c) with the real one and records the launch
+    stub = bin_dir / "python"
+    stub.write_text(f'#!/usr/bin/env bash\n[ "$1" != -c ] || exec {sys.executable} "$@"\n'
+                    'printf "%s\\n" "$PWD" "$PYTHONPATH" "$@" > launched.txt\n')
     stub.chmod(0o755)
     (user_dir / "zero2.json").write_text("{}")
     proc = run_script("finetune_dora_coco.sh", user_dir, "--max_steps", "1", timeout=60, NUM_GPUS=2,
                       MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json", IMAGE_FOLDER="tiny/data/images",
-                      OUTPUT_DIR="runs/gpu", DS_CONFIG="zero2.json", PATH=f"{bin_dir}:{script_env()['PATH']}")
+                      OUTPUT_DIR="runs/gpu", DS_CONFIG="zero2.json", PYTHON="bin/python")
     assert proc.returncode == 0, proc.stderr
     cwd, pythonpath, *argv = (user_dir / "launched.txt").read_text().splitlines()
     assert cwd == str(user_dir) and pythonpath.split(":")[0] == str(REPO)
+    assert argv[:2] == ["-m", "deepspeed.launcher.runner"]
+    argv = argv[2:]
     assert argv[:3] == ["--num_gpus", "2", str(REPO / "llava_sculpt" / "train.py")]
     value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
     assert value["--model_name_or_path"] == str(user_dir / "tiny" / "model")
@@ -273,3 +278,93 @@ def test_reproduce_table1_tiny_narrow(tmp_path):
                       PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {p.name: p.read_bytes() for p in merged.glob("*.safetensors")} == weights
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory):
+    """A `python` without the project's dependencies (a venv of the base interpreter without packages)."""
+    folder = tmp_path_factory.mktemp("bare")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder / "venv")], check=True)
+    python = folder / "venv" / "bin" / "python"
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0
+    return python
+
+
+def fake_checkout(root: Path, with_venv: bool) -> Path:
+    """A checkout of the scripts (copied) and the package (linked), with or without a `.venv` whose python is the
+    test's interpreter behind a wrapper that logs every call, to see which interpreter each step ran."""
+    shutil.copytree(SCRIPTS, root / "scripts")
+    for name in ("llava_sculpt", "configs", "eval"):
+        (root / name).symlink_to(REPO / name, target_is_directory=True)
+    if with_venv:
+        (root / ".venv" / "bin").mkdir(parents=True)
+        wrapper = root / ".venv" / "bin" / "python"
+        wrapper.write_text(f'#!/usr/bin/env bash\necho "$*" >> {root}/venv_calls.txt\nexec {sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+    return root
+
+
+def run_checkout_script(checkout: Path, script: str, cwd: Path, bare_python: Path, *args, **env):
+    """`bash CHECKOUT/scripts/SCRIPT` from a fresh shell whose PATH `python` lacks the project."""
+    given = env
+    env = script_env(PATH=f"{bare_python.parent}:/usr/bin:/bin", **env)
+    for name in ("PYTHON", "PYTHONPATH"):
+        if name not in given:
+            env.pop(name, None)
+    return subprocess.run(["bash", str(checkout / "scripts" / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_scripts_find_the_checkouts_venv_when_path_python_lacks_the_project(user_dir, bare_python):
+    """No PYTHON, no activated venv, the `python` on PATH without torch: every step runs CHECKOUT/.venv/bin/python."""
+    checkout = fake_checkout(user_dir / "clone", with_venv=True)
+    proc = run_checkout_script(checkout, "finetune_lora_iconqa.sh", user_dir, bare_python, "--max_steps", "1",
+                               "--per_device_train_batch_size", "2", "--disable_tqdm", "True", MODEL_BASE="tiny/model",
+                               DATA_PATH="tiny/data/train.json", IMAGE_FOLDER="tiny/data/images",
+                               OUTPUT_DIR="runs/venv", LORA_R=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (user_dir / "runs" / "venv" / "training_complete.json").is_file()
+    calls = (checkout / "venv_calls.txt").read_text().splitlines()
+    assert any(call.startswith("-m llava_sculpt.train ") for call in calls), calls
+    assert any("torch.cuda.device_count" not in call and call.startswith("-c ") for call in calls)  # the check
+
+
+@pytest.mark.parametrize("how", ["no venv", "PYTHON set"])
+def test_scripts_refuse_an_interpreter_without_the_project_in_one_line(user_dir, bare_python, how):
+    """Without a venv (or with PYTHON naming one that lacks the project, which wins over the venv): one line
+    that says what to run, exit 2, nothing created."""
+    checkout = fake_checkout(user_dir / "clone", with_venv=how == "PYTHON set")
+    extra = {"PYTHON": str(bare_python)} if how == "PYTHON set" else {}
+    for script, args, env in [
+            ("finetune_sculpt_iconqa.sh", (), dict(MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json",
+                                                   IMAGE_FOLDER="tiny/data/images", OUTPUT_DIR="runs/bare")),
+            ("finetune_sculpt_iconqa.sh", (), {}),    # the embedded default: `llava-sculpt world` is never reached
+            ("eval_source_target.sh", ("tiny/model", "iconqa"), dict(DATA_ROOT="tiny/data", EVAL_DIR="evals/bare")),
+            ("reproduce_table1.sh", (), dict(MODEL_BASE="tiny/model", DATA_ROOT="tiny/data", RUNS_DIR="t1")),
+            ("demo_tiny.sh", (), dict(DEMO="demo"))]:
+        proc = run_checkout_script(checkout, script, user_dir, bare_python, *args, **env, **extra)
+        assert proc.returncode == 2, (script, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, (script, proc.stderr)
+        assert "lacks" in lines[0] and "torch" in lines[0] and f"`make install` in {checkout}" in lines[0], lines[0]
+        assert "Traceback" not in proc.stderr and "ModuleNotFoundError" not in proc.stderr
+    for created in ("runs", "evals", "t1", "demo"):
+        assert not (user_dir / created).exists()
+    assert not (checkout / "venv_calls.txt").exists() or "llava_sculpt" not in (checkout / "venv_calls.txt").read_text()
+
+
+@pytest.mark.parametrize("variable,value", [("METHOD", "spider"), ("TARGET", "coco")])
+def test_wrapper_refuses_a_different_method_or_target_from_the_environment(user_dir, variable, value):
+    """`METHOD=spider bash scripts/finetune_sculpt_iconqa.sh` used to train LoRASculpt: now it stops, pointing to
+    finetune.sh; the same value as the wrapper's is accepted."""
+    env = dict(MODEL_BASE="tiny/model", DATA_PATH="tiny/data/train.json", IMAGE_FOLDER="tiny/data/images",
+               OUTPUT_DIR="runs/w", LORA_R="big")   # a bad LORA_R: an accepted wrapper stops right after
+    proc = run_script("finetune_sculpt_iconqa.sh", user_dir, timeout=60, **env, **{variable: value})
+    assert proc.returncode == 2
+    message = one_line(proc.stderr)
+    assert f"{variable}={value} is set, but finetune_sculpt_iconqa.sh always trains METHOD=sculpt" in message
+    assert "finetune.sh" in message and "LORA_R" not in message
+    proc = run_script("finetune_sculpt_iconqa.sh", user_dir, timeout=60, **env,
+                      **{variable: {"METHOD": "sculpt", "TARGET": "iconqa"}[variable]})
+    assert proc.returncode == 2 and "LORA_R=big is not a positive integer" in one_line(proc.stderr)
+    assert not (user_dir / "runs").exists()
