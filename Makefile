@@ -8,6 +8,9 @@
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
 # so pip never resolves a newer (CUDA, multi-GB) torch.  PYTHON picks the interpreter for the venv.
 PYTHON ?= python3
+# libgomp's spin-waiting makes CPU runs 4-9x slower when another process uses a core; a value set by the user wins
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llava-sculpt-installed

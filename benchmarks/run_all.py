@@ -1,11 +1,12 @@
 """`make bench`: run the CPU benchmarks and print one summary table of the targets (PASS / MISS).
 
-    python benchmarks/run_all.py [--only layer,step,generate,adapter] [--quick] [--out playground/bench/summary.json]
+    python benchmarks/run_all.py [--only layer,step,generate,adapter,omp] [--quick] [--out playground/bench/summary.json]
 
     layer     bench_layer.py        CMR time / the layer's LoRA step (2048 tokens), CMR memory / dense
     step      bench_sculpt_step.py  LoRASculpt / LoRA step time, 2 Llama-7B-wide layers, 1024 and 256 tokens
     generate  bench_generate.py     samples/s at batch 8 vs 1, identical answers
     adapter   bench_adapter_size.py sparse export / dense adapter at ratio 0.1 and 0.05
+    omp       bench_omp_wait.py     OMP_WAIT_POLICY=PASSIVE / libgomp's default: training time, same losses
 
 Each benchmark runs in its own process and measures its compared variants side by side (alternating, median).
 The summary goes to stdout and, as JSON, to --out (playground/ is git-ignored).  About 6-8 minutes on 2 CPU
@@ -35,6 +36,7 @@ BENCHES = {  # name -> (script, extra args, quick args)
     "step": ("bench_sculpt_step.py", [], ["--layers", "1", "--tokens", "1024", "--steps", "2"]),
     "generate": ("bench_generate.py", [], ["--reps", "1"]),
     "adapter": ("bench_adapter_size.py", [], ["--layers", "1"]),
+    "omp": ("bench_omp_wait.py", [], ["--steps", "10", "--reps", "1"]),
 }
 
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import llava_sculpt  # noqa: F401  (before torch: as a script, this is where OMP_WAIT_POLICY is set; see __init__)
 import torch
 import transformers
 

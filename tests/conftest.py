@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# before any test imports torch (libgomp reads it once, at load): the suite ran 24 min instead of ~12 on a
+# 2-core machine shared with another job under libgomp's default spin-waiting; see llava_sculpt/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")

@@ -161,3 +161,60 @@ def test_bench_helpers_on_tiny_shapes(tmp_path, monkeypatch, restore_threads):
     assert doc["summary"] == json.loads(json.dumps(rows)) and doc["quick"] is True
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nonsense"])
+
+
+def test_bench_omp_wait_compares_the_two_policies_on_real_training(monkeypatch):
+    """`make bench`'s omp row: each variant's child really runs under its policy, the losses are compared."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    import bench_omp_wait
+
+    res = bench_omp_wait.run(steps=2, reps=1)
+    assert res["policies"] == {"default": ["(libgomp default)"], "passive": ["PASSIVE"]}
+    assert len(res["losses"]) == 2 and res["same_loss"] is True   # the policy decides only how idle threads wait
+    assert res["seconds"]["default"] > 0 and res["seconds"]["passive"] > 0
+    assert [c["name"] for c in res["checks"]][0].startswith("OMP PASSIVE / default")
+
+
+ENTRY_PROBE = """
+import importlib.abc, os, runpy, sys
+seen = {}
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in seen:
+            seen["torch"] = os.environ.get("OMP_WAIT_POLICY")
+        return None
+sys.meta_path.insert(0, Probe())
+kind, target = sys.argv[1], sys.argv[2]
+sys.argv = [target, "--help"]
+try:
+    runpy.run_path(target, run_name="__main__") if kind == "path" else runpy.run_module(target, run_name="__main__")
+except SystemExit:
+    pass
+print("POLICY-AT-TORCH-IMPORT", seen.get("torch"), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("kind,target", [("module", "llava_sculpt.cli"), ("module", "llava_sculpt.train"),
+                                         ("module", "llava_sculpt.eval.generate"),
+                                         ("path", "llava_sculpt/train.py")])
+def test_entry_points_set_omp_wait_policy_before_torch_loads(kind, target):
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: every entry point (`llava-sculpt` is
+    llava_sculpt.cli; `deepspeed llava_sculpt/train.py` runs the file) must set it before its first torch import,
+    and leave a value the user set alone."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(REPO)
+    if target == "llava_sculpt.cli":   # `llava-sculpt train --help`: the subcommand imports torch
+        probe = ENTRY_PROBE.replace('sys.argv = [target, "--help"]', 'sys.argv = [target, "train", "--help"]')
+    else:
+        probe = ENTRY_PROBE
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = dict(env, **({"OMP_WAIT_POLICY": given} if given else {}))
+        proc = subprocess.run([sys.executable, "-c", probe, kind, target], cwd=REPO, env=run_env,
+                              capture_output=True, text=True, timeout=300)
+        line = [ln for ln in proc.stderr.splitlines() if ln.startswith("POLICY-AT-TORCH-IMPORT")]
+        assert line == [f"POLICY-AT-TORCH-IMPORT {expected}"], proc.stderr[-2000:]

@@ -1,0 +1,114 @@
+"""OMP_WAIT_POLICY=PASSIVE (what every llava-sculpt entry point, the Makefile and the test suite set unless the
+user did) against libgomp's default spin-waiting, on a real training run.
+
+    python benchmarks/bench_omp_wait.py [--steps 20] [--reps 2] [--json PATH]
+
+Each variant is a fresh process (libgomp reads the policy once, when torch loads it) that runs `llava-sculpt
+train` (LoRA, the embedded tiny LLaVA-1.5-shaped model, batch 2, all cores) for --steps steps; the two variants
+alternate --reps times (median of the training time, imports excluded).  On an IDLE machine the targets are:
+PASSIVE / default wall time <= 1.10x, and the same training loss bit for bit (the policy only decides how idle
+threads wait).  On a machine where another job uses a core, PASSIVE is the one that does not collapse (measured
+in issue 21: 38 s and 93 s by default, 10 s and 10 s with PASSIVE): run this benchmark idle to check the cost.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_common import ROOT, check, finish, median  # noqa: E402
+
+VARIANTS = ("default", "passive")
+
+
+def child(variant: str, tiny: str, out: str, steps: int) -> None:
+    """One training run under one policy; prints {"seconds", "train_loss"} as its last line."""
+    if variant == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    import torch  # noqa: F401  (libgomp is loaded, and reads the policy, here: before llava_sculpt can set it)
+
+    from llava_sculpt.cli import main
+
+    args = ["train", "--model_name_or_path", os.path.join(tiny, "model"),
+            "--data_path", os.path.join(tiny, "data", "train.json"),
+            "--image_folder", os.path.join(tiny, "data", "images"), "--output_dir", out, "--method", "lora",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--lora_r", "8", "--lora_alpha", "16", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+            "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--logging_steps", "1"]
+    start = time.perf_counter()
+    code = main(args)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(code)
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    print(json.dumps({"seconds": seconds, "losses": losses,
+                      "policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")}))
+
+
+def run_variant(variant: str, tiny: str, out: str, steps: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+    env.pop("OMP_WAIT_POLICY", None)  # the child sets its own, before torch
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, "--tiny", tiny,
+                           "--out", out, "--steps", str(steps)], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_omp_wait.py --child {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(steps: int = 20, reps: int = 2) -> dict:
+    from llava_sculpt.model.tiny import build_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = str(build_tiny(os.path.join(tmp, "tiny"), seed=0))
+        runs = {v: [] for v in VARIANTS}
+        for rep in range(reps):
+            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                runs[variant].append(run_variant(variant, tiny, os.path.join(tmp, f"{variant}_{rep}"), steps))
+    seconds = {v: median([r["seconds"] for r in runs[v]]) for v in VARIANTS}
+    policies = {v: sorted({r["policy"] for r in runs[v]}) for v in VARIANTS}
+    same_loss = all(r["losses"] == runs["default"][0]["losses"] for v in VARIANTS for r in runs[v])
+    ratio = seconds["passive"] / seconds["default"]
+    return {"steps": steps, "reps": reps, "seconds": seconds, "ratio": ratio, "same_loss": same_loss,
+            "policies": policies, "losses": runs["default"][0]["losses"], "threads": os.cpu_count(),
+            "checks": [check("OMP PASSIVE / default train time (idle machine)", ratio, "<=", 1.10, "x",
+                             note=f"{steps} steps, median of {reps}"),
+                       check("OMP PASSIVE: same losses as default", float(same_loss), ">=", 1.0, "",
+                             note="1 = identical")]}
+
+
+def print_result(res: dict) -> None:
+    print(f"{res['steps']} LoRA steps of the embedded tiny model, {res['threads']} CPUs, median of {res['reps']}:")
+    for v in VARIANTS:
+        print(f"  {v:<8} {res['seconds'][v]:7.2f} s")
+    print(f"  PASSIVE / default: {res['ratio']:.2f}x; identical losses: {res['same_loss']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--tiny", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.tiny, args.out, args.steps)
+        return 0
+    return finish(run(args.steps, args.reps), print_result, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
