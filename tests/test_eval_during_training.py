@@ -85,7 +85,7 @@ def test_curve_has_a_point_every_2_steps_and_at_step_0(run):
             assert json.loads((step_dir / "scores" / f"{name}.json").read_text())["score"] == p["scores"][name]
             assert len(answer_texts(step_dir / "answers" / f"{name}.jsonl")) == N_QUESTIONS
     assert points[-1]["target"] > 0  # the fine-tuned model gets some IconQA answers right
-    assert format_point(points[-1]).startswith(f"eval @ step {STEPS} (epoch 5.0): okvqa ")
+    assert format_point(points[-1]).startswith(f"eval @ step {STEPS} (epoch 5.0, {N_QUESTIONS} questions each): okvqa ")
 
 
 def test_last_point_equals_llava_sculpt_eval_of_the_saved_run(run, data_root, tmp_path):

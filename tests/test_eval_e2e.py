@@ -79,7 +79,9 @@ def test_zero_shot_script_fills_both_tables(zero_shot, data_root, capsys):
         assert [json.loads(a)["question_id"] for a in answers] == \
                [json.loads(q)["question_id"] for q in questions[:MAX_QUESTIONS]]
         score = json.loads((eval_dir / "scores" / f"{name}.json").read_text())
-        assert score["task"] == name and score["num_samples"] == MAX_QUESTIONS and score["partial"]
+        # --max-questions: exactly the asked questions are scored, all answered: not partial
+        assert score["task"] == name and score["num_samples"] == MAX_QUESTIONS and not score["partial"]
+        assert score["subset"] and score["num_asked"] == MAX_QUESTIONS
     # the printed table (llava-sculpt table): one per target, the zero-shot row with 7 numbers
     assert "Fine-tuned on IconQA" in stdout and "Fine-tuned on COCO-Caption" in stdout
     rows = [line for line in stdout.splitlines() if line.startswith("| Zero-shot")]

@@ -9,7 +9,7 @@ The benchmarks are the specs of `llava-sculpt eval` (eval/*.json, or spec files)
 --eval_data_root exactly as `llava-sculpt eval --data-root` resolves them; everything is validated before the
 model loads.  At each evaluation point the model being trained (the PEFT model with its adapters unmerged, the
 method's masks already applied after the step) is put in eval mode and answers the first --eval_max_questions
-questions of each benchmark in this process, with the driver's prompt building, greedy generation
+questions of each benchmark (exactly these are scored: no warning about the questions not asked) in this process, with the driver's prompt building, greedy generation
 (`run_benchmark.generate_benchmark`, batch size --per_device_eval_batch_size, the spec's max_new_tokens unless
 --eval_max_new_tokens) and scorer (`run_benchmark.score_benchmark`, --compat official); then every module's
 train/eval flag and the use_cache settings are restored.  Generation runs under torch.no_grad, as the
@@ -28,7 +28,7 @@ Output, in RUN_DIR (--output_dir):
     eval_curve.jsonl     one line per evaluation point, appended with write + flush + fsync:
         {"step": int (optimizer step; 0 = before training), "epoch": float (the Trainer's fractional epoch),
          "scores": {benchmark: score on the 0-100 scale of scores/*.json's "score"},
-         "roles": {benchmark: "source" | "target"}, "num_questions": {benchmark: questions answered},
+         "roles": {benchmark: "source" | "target"}, "num_questions": {benchmark: questions asked (and scored)},
          "source_mean": mean score of the source benchmarks or null, "target": mean of the target ones or
          null, "seconds": wall time of the point (generation + scoring)}
     eval_curve/step-N/answers/{benchmark}.jsonl, scores/{benchmark}.json   the answers and the scorer's
@@ -363,8 +363,9 @@ class EvalDuringTraining:
             self.evaluate(args, state, model)
 
     def _show_once(self, text: str) -> None:
-        """The scorers' warnings (e.g. the partial scoring of --eval_max_questions), each printed at the first
-        point that gives it only, not again at every later point."""
+        """The scorers' warnings (e.g. asked questions without an answer), each printed at the first point that
+        gives it only, not again at every later point.  A complete --eval_max_questions subset gives none: only
+        the questions asked are scored."""
         for line in text.splitlines():
             key = re.sub(r"step-\d+", "step-N", line)
             if line.strip() and key not in self._warned:
@@ -403,9 +404,11 @@ class EvalDuringTraining:
                 warnings = io.StringIO()
                 with contextlib.redirect_stderr(warnings):
                     for spec, questions in self.plan.work:
+                        capped = self.plan.max_questions is not None
                         payload = score_benchmark(spec, os.path.join(answers_dir, f"{spec.name}.jsonl"),
                                                   os.path.join(step_dir, "scores", f"{spec.name}.json"),
-                                                  self.plan.compat, partial=self.plan.max_questions is not None)
+                                                  self.plan.compat, partial=capped,
+                                                  asked=questions if capped else None)
                         scores[spec.name], roles[spec.name] = float(payload["score"]), spec.role
                         counts[spec.name] = len(questions)
                 self._show_once(warnings.getvalue())
@@ -420,12 +423,17 @@ class EvalDuringTraining:
 
 
 def format_point(record: dict) -> str:
-    """'eval @ step 40 (epoch 2.0): okvqa 81.2, gqa 77.0 | source 79.1 target 45.0 (3.1s)'"""
+    """'eval @ step 40 (epoch 2.0, 40 questions each): okvqa 81.2, gqa 77.0 | source 79.1 target 45.0 (3.1s)';
+    when the benchmarks were asked different numbers of questions, each score says its own ('okvqa 81.2 (40 q)')."""
     def number(x):
         return "-" if x is None else f"{x:.1f}"
 
-    scores = ", ".join(f"{name} {number(value)}" for name, value in record["scores"].items())
-    return (f"eval @ step {record['step']} (epoch {round(record['epoch'], 2)}): {scores} | source "
+    counts = record.get("num_questions") or {}
+    same = set(counts.values()) if set(counts) >= set(record["scores"]) else set()
+    each = f", {next(iter(same))} questions each" if len(same) == 1 else ""
+    scores = ", ".join(f"{name} {number(value)}" + ("" if each or name not in counts else f" ({counts[name]} q)")
+                       for name, value in record["scores"].items())
+    return (f"eval @ step {record['step']} (epoch {round(record['epoch'], 2)}{each}): {scores} | source "
             f"{number(record['source_mean'])} target {number(record['target'])} ({record['seconds']:.1f}s)")
 
 

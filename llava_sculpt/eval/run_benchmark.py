@@ -18,8 +18,9 @@ Writes the run-dir layout `llava-sculpt table` reads:
                               with another model or other generation settings stops with an error before
                               anything is generated or written; --overwrite discards that benchmark's
                               answers and score and starts afresh
-    DIR/scores/{name}.json    `llava-sculpt score` JSON (+ "benchmark"; with --max-questions the scorer
-                              runs with --allow-partial on the answered subset)
+    DIR/scores/{name}.json    `llava-sculpt score` JSON (+ "benchmark"); with --max-questions exactly the
+                              questions asked (the first N) are scored ("num_asked", "subset": true), and
+                              only a missing answer to one of them is reported, as a warning
 
 Generation: with 0 or 1 GPU the model is loaded once in this process and serves every benchmark.  With N > 1
 GPUs each benchmark runs as N `llava-sculpt generate` processes, one per GPU (CUDA_VISIBLE_DEVICES), on
@@ -278,13 +279,19 @@ class Generator:
 
 
 # -------------------------------------------------------------------------------------------- scoring
-def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, compat: str, partial: bool) -> dict:
+def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, compat: str, partial: bool,
+                    asked=None) -> dict:
+    """Score one benchmark's answers into `score_file`.  `asked`: the questions of a capped evaluation (its
+    first --max-questions questions): exactly these are scored, and only a missing answer to one of them is
+    reported (a warning with `partial`, else an error)."""
     from llava_sculpt.eval.score import score_task
 
     options = dict(spec.score_options)
     payload = score_task(spec.task, spec.annotation_file, answers_file, spec.score_question_file,
                          compat=options.get("compat", compat), allow_partial=partial,
-                         cider_only=options.get("cider_only", False))
+                         cider_only=options.get("cider_only", False),
+                         asked=None if asked is None else [(q.question_id, q.text) for q in asked],
+                         asked_from=f"question file {spec.question_file}")
     payload["benchmark"] = spec.name
     if spec.name != spec.task:  # `llava-sculpt table` expects scores/{task}.json to hold that task
         payload["scorer"], payload["task"] = spec.task, spec.name
@@ -367,9 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(os.path.dirname(answers_file), exist_ok=True)
         generator.run(spec, questions, answers_file)
         log(f"{spec.name}: scoring")
+        capped = args.max_questions is not None
         payload = score_benchmark(spec, answers_file, os.path.join(eval_dir, "scores", f"{spec.name}.json"),
-                                  args.compat, partial=args.max_questions is not None)
-        log(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']}), done in "
+                                  args.compat, partial=capped, asked=questions if capped else None)
+        asked = f" of the first {payload['num_asked']} questions" if capped else ""
+        log(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']}{asked}), done in "
             f"{time.monotonic() - benchmark_start:.1f}s")
     print(f"wrote {eval_dir}/run_meta.json and scores/ ({', '.join(s.name for s in specs)}); "
           f"table: llava-sculpt table {eval_dir}")

@@ -20,10 +20,18 @@ Result files: LLaVA answer lines {"question_id", "prompt", "text", ...} (JSON li
     as LLaVA's scorer does.  When several annotation entries share that pair, the n-th such result line
     is scored against the n-th entry (LLaVA's dict keeps only the last entry).
 Output: the score on stdout; with --json-out, {"task", "metric", "score" (0-100; CIDEr x 100),
-"num_samples" (questions in the score), "compat", ...}; gqa adds "num_counted" (= num_samples) and
+"num_samples" (questions in the score), "num_annotated", "num_asked" (the questions expected: all annotated
+ones, or a capped evaluation's subset), "subset" (true for such a subset), "compat", ...}; gqa adds "num_counted" (= num_samples) and
 "num_skipped_unbalanced" (answered, but ignored because isBalanced is false).  Missing, duplicate or
 unknown ids are an error (exit 2) unless --allow-partial, which warns and scores the answered questions
 only (the first of duplicates).
+
+A capped evaluation (`generate --max-questions N`) answers the first N questions of its question file on
+purpose: --asked QUESTIONS.jsonl [--max-questions N] scores exactly those questions (the JSON lines of
+`llava-sculpt generate`'s --question-file; all of them without --max-questions), as `llava-sculpt eval
+--max-questions` and `train --eval_max_questions` do.  Only a missing answer to an asked question, an
+answer to a question that was not asked, or a duplicate is then a problem (an error, or with
+--allow-partial a warning).
 
 --compat paper reproduces the LoRASculpt release's scorers (OK-VQA LAVIS port: full normalisation of the
 prediction always, punctuation only on the ground truth; IconQA/OCR-VQA raw lower-case equality); for gqa,
@@ -32,6 +40,7 @@ textvqa and coco it is identical to official.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -56,6 +65,7 @@ class Annotations:
     image_ids: frozenset[str] = frozenset()  # textvqa: result question_ids that are image ids
     unbalanced: frozenset[str] = frozenset()  # gqa: isBalanced false (answered, but not scored)
     unflagged: int = 0  # gqa: entries without an isBalanced field (counted as balanced)
+    asked: int | None = None  # restricted to the questions a capped evaluation asked (`restrict_to_asked`)
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -236,6 +246,42 @@ def textvqa_question_from_prompt(prompt: str) -> str:
     return prompt.strip().split("\n")[0].strip().lower()
 
 
+def _result_key(task: str, ann: Annotations, raw_id: str, prompt, seen: dict) -> tuple[str | None, str, bool]:
+    """(canonical id or None, how to name it, whether it repeats an (image, question) pair) of one result line
+    or asked question.  `prompt()` gives its question text (textvqa lines keyed by image id); `seen` counts the
+    (image, question) pairs met so far."""
+    if task == "textvqa" and raw_id in ann.image_ids:
+        question = textvqa_question_from_prompt(str(prompt()))
+        occurrence = seen.get((raw_id, question), 0)
+        seen[(raw_id, question)] = occurrence + 1
+        alias = _image_question_key(raw_id, question, occurrence)
+        shown = f"image {raw_id} question {question!r}"
+        if alias in ann.aliases:
+            return ann.aliases[alias], shown, False
+        return None, shown, occurrence > 0 and _image_question_key(raw_id, question, 0) in ann.aliases
+    return raw_id, f"question_id {raw_id}", False
+
+
+def restrict_to_asked(task: str, ann: Annotations, asked: Sequence[tuple[object, str]],
+                      question_file: str = "the question file") -> Annotations:
+    """The annotations of the asked questions only (a capped evaluation: `--max-questions` /
+    `--eval_max_questions` ask the first N questions of the question file), in annotation order.  `asked`:
+    [(question_id, question text)] as the question file holds them (textvqa questions keyed by image id are
+    matched by (image id, question) as result lines are).  An asked question without an annotation is an
+    error: the question file and the annotation file do not belong together."""
+    keys, lacking, seen = set(), [], {}
+    for question_id, text in asked:
+        key, shown, _ = _result_key(task, ann, str(question_id), lambda: text, seen)
+        if key is None or key not in ann.gt:
+            lacking.append(shown)
+        else:
+            keys.add(key)
+    if lacking:
+        raise UserError(f"{question_file}: {len(lacking)} of the {len(asked)} asked questions have no annotation "
+                        f"in the {task} annotation file (e.g. {'; '.join(lacking[:3])}).")
+    return dataclasses.replace(ann, gt={k: v for k, v in ann.gt.items() if k in keys}, asked=len(keys))
+
+
 def match_results(task: str, ann: Annotations, result_file: str,
                   allow_partial: bool = False) -> tuple[list[tuple[str, str]], dict[str, int]]:
     """[(canonical id, prediction text)] for the answered questions, and the counts of problems."""
@@ -249,22 +295,11 @@ def match_results(task: str, ann: Annotations, result_file: str,
                       "result file")
         if not isinstance(text, str):
             raise UserError(f"result file {result_file}, entry {number}: 'text' must be a string.")
-        key, shown = raw_id, f"question_id {raw_id}"
-        if task == "textvqa" and raw_id in ann.image_ids:
-            question = textvqa_question_from_prompt(str(_field(record, ["prompt"], result_file, number,
-                                                               "result file")))
-            occurrence = textvqa_seen.get((raw_id, question), 0)
-            textvqa_seen[(raw_id, question)] = occurrence + 1
-            alias = _image_question_key(raw_id, question, occurrence)
-            shown = f"image {raw_id} question {question!r}"
-            if alias not in ann.aliases:
-                if occurrence > 0 and _image_question_key(raw_id, question, 0) in ann.aliases:
-                    duplicates.append(shown)
-                else:
-                    unknown.append(shown)
-                continue
-            key = ann.aliases[alias]
-        if key not in ann.gt:
+        key, shown, repeated = _result_key(
+            task, ann, raw_id, lambda: _field(record, ["prompt"], result_file, number, "result file"), textvqa_seen)
+        if key is None:
+            (duplicates if repeated else unknown).append(shown)
+        elif key not in ann.gt:
             unknown.append(shown)
         elif key in answered:
             duplicates.append(shown)
@@ -274,15 +309,16 @@ def match_results(task: str, ann: Annotations, result_file: str,
     counts = {"missing": len(missing), "duplicates": len(duplicates), "unknown": len(unknown)}
     if missing or duplicates or unknown:
         parts = []
+        expected = (f"the {len(ann.gt)} asked questions" if ann.asked is not None
+                    else f"{len(ann.gt)} annotated questions")
         if missing:
-            parts.append(f"{len(missing)} of {len(ann.gt)} annotated questions have no prediction "
-                         f"(e.g. {', '.join(missing[:3])})")
+            parts.append(f"{len(missing)} of {expected} have no prediction (e.g. {', '.join(missing[:3])})")
         if duplicates:
             parts.append(f"{len(duplicates)} lines repeat an already answered question "
                          f"(e.g. {'; '.join(duplicates[:3])})")
         if unknown:
-            parts.append(f"{len(unknown)} lines answer questions not in the annotations "
-                         f"(e.g. {'; '.join(unknown[:3])})")
+            where = "among the asked questions" if ann.asked is not None else "in the annotations"
+            parts.append(f"{len(unknown)} lines answer questions not {where} (e.g. {'; '.join(unknown[:3])})")
         message = f"result file {result_file} does not match the {task} annotations: " + "; ".join(parts)
         if not allow_partial:
             raise UserError(message + ". Pass --allow-partial to score the answered questions only "
@@ -300,8 +336,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def score_task(task: str, annotation_file: str, result_file: str, question_file: str | None = None,
-               compat: str = "official", allow_partial: bool = False, cider_only: bool = False) -> dict:
-    """Score `result_file` against `annotation_file`; returns the JSON payload (score on 0-100)."""
+               compat: str = "official", allow_partial: bool = False, cider_only: bool = False,
+               asked: Sequence[tuple[object, str]] | None = None, asked_from: str = "the question file") -> dict:
+    """Score `result_file` against `annotation_file`; returns the JSON payload (score on 0-100).  `asked`
+    ([(question_id, question text)], from `asked_from`): a capped evaluation's questions; only these are
+    expected and scored (a missing answer to one of them is what `allow_partial` warns about)."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}.")
     if compat not in ("official", "paper"):
@@ -310,6 +349,9 @@ def score_task(task: str, annotation_file: str, result_file: str, question_file:
         print(f"llava-sculpt: warning: --question-file is only used by okvqa; ignored for {task}.",
               file=sys.stderr)
     ann = load_annotations(task, annotation_file, question_file)
+    num_annotated = len(ann.gt)
+    if asked is not None:
+        ann = restrict_to_asked(task, ann, asked, asked_from)
     pairs, counts = match_results(task, ann, result_file, allow_partial)
     payload: dict[str, Any] = {"task": task, "metric": METRIC_NAMES[task]}
     num_scored = len(pairs)
@@ -331,8 +373,8 @@ def score_task(task: str, annotation_file: str, result_file: str, question_file:
         else:
             per_question = lambda p, g: float(metrics.exact_match(p, g, compat))  # noqa: E731
         payload["score"] = 100.0 * _mean([per_question(text, ann.gt[k]) for k, text in pairs])
-    payload.update({"num_samples": num_scored, "compat": compat, "num_annotated": len(ann.gt),
-                    "partial": any(counts.values()), **counts,
+    payload.update({"num_samples": num_scored, "compat": compat, "num_annotated": num_annotated,
+                    "num_asked": len(ann.gt), "subset": asked is not None, "partial": any(counts.values()), **counts,
                     "annotation_file": os.path.abspath(annotation_file),
                     "result_file": os.path.abspath(result_file)})
     if task in PAPER_EQUALS_OFFICIAL:
@@ -367,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-out", default=None, help="write the score JSON here")
     parser.add_argument("--allow-partial", action="store_true",
                         help="warn instead of failing on missing/duplicate/unknown ids")
+    parser.add_argument("--asked", default=None, metavar="QUESTIONS_JSONL",
+                        help="score exactly the questions of this question file (the one given to `generate`)")
+    parser.add_argument("--max-questions", type=int, default=None,
+                        help="with --asked: only its first N questions (generate's --max-questions)")
     parser.add_argument("--cider-only", action="store_true",
                         help="coco: skip BLEU-4/METEOR/ROUGE-L (METEOR starts a slow 2 GB Java process)")
     return parser
@@ -374,15 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    asked = None
+    if args.max_questions is not None and (args.asked is None or args.max_questions < 1):
+        raise UserError("--max-questions needs --asked QUESTIONS_JSONL (the question file given to `generate`) "
+                        "and must be at least 1.")
+    if args.asked is not None:
+        from llava_sculpt.eval.generate import load_questions
+
+        asked = [(q.question_id, q.text) for q in load_questions(args.asked)[:args.max_questions]]
     payload = score_task(args.task, args.annotation_file, args.result_file, args.question_file,
-                         args.compat, args.allow_partial, args.cider_only)
+                         args.compat, args.allow_partial, args.cider_only, asked=asked,
+                         asked_from=f"--asked {args.asked}")
     extra = ""
     if args.task == "coco" and not args.cider_only:
         extra = "  " + "  ".join(f"{k}={payload[k]:.2f}" for k in ("bleu4", "meteor", "rouge_l"))
     if payload.get("num_skipped_unbalanced"):
         extra += f"  ({payload['num_skipped_unbalanced']} unbalanced questions not counted)"
+    asked_text = f" of {payload['num_asked']} asked" if payload["subset"] else ""
     print(f"{args.task}: {payload['metric']} = {payload['score']:.2f} "
-          f"(n={payload['num_samples']}, compat={args.compat}){extra}")
+          f"(n={payload['num_samples']}{asked_text}, compat={args.compat}){extra}")
     if args.json_out:
         write_json_atomic(args.json_out, payload)
     return 0
