@@ -565,5 +565,9 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         skip = {"--method", "--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--lora_r",
                 "--lora_alpha", "--seed", "--init_lora_weights"}  # finetune.sh maps METHOD=lora-INIT itself
         kept = [x for i in range(0, len(flags), 2) if flags[i] not in skip for x in flags[i:i + 2]]
+        # unlike the demo's short runs, a script's run saves at each epoch end, so Ctrl-C loses at most one epoch
+        # and the rerun resumes from checkpoint-N (train.py's resolve_resume, LLaVA's behaviour)
+        kept[kept.index("--save_strategy") + 1] = "epoch"
+        kept += ["--save_total_limit", "1"]
         print("TINY_TRAIN_FLAGS=(" + " ".join(shlex.quote(x) for x in kept) + ")")
     return 0

@@ -43,7 +43,8 @@ TINY_TRAIN_FLAGS=()
 if [ -z "${MODEL_BASE:-}${DATA_PATH:-}${IMAGE_FOLDER:-}" ]; then
   echo "MODEL_BASE, DATA_PATH and IMAGE_FOLDER are not set: fine-tuning the embedded default (the demo's pre-trained" \
        "tiny LLaVA on the synthetic $TARGET world, CPU). For LLaVA-1.5-7B set MODEL_BASE=checkpoints/llava-1.5-7b-hf" \
-       "DATA_PATH=playground/data/$TARGET/train.json IMAGE_FOLDER=<its image folder>." >&2
+       "DATA_PATH=playground/data/$TARGET/train.json IMAGE_FOLDER=<its image folder>. It saves a checkpoint at each" \
+       "epoch end: rerun the same command after an interruption and it resumes from there." >&2
   world=$(cd "$REPO" && "$PYTHON" -m llava_sculpt.cli world --shell --world-dir "${WORLD_DIR:-$REPO/playground/tiny_world}" \
           --benchmarks "okvqa,ocrvqa,gqa,textvqa,$TARGET" \
           --target "$TARGET" --train-flags "$METHOD") || script_error "could not build the embedded default (llava-sculpt world)"

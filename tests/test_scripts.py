@@ -73,6 +73,11 @@ def test_mission_scripts_run_on_the_embedded_default_with_no_path_variables(tmp_
     assert args["model_args"]["model_name_or_path"] == str((world_dir / "model").resolve())
     assert args["training_args"]["lora_r"] == 32 and args["method"] == "sculpt"
     assert (run / "training_complete.json").is_file() and (run / "eval_curve.jsonl").is_file()
+    # the embedded default saves at each epoch end (32 examples / batch 16 = 2 steps an epoch), so an interrupted
+    # run resumes instead of starting over; the first line says so
+    assert args["training_args"]["save_strategy"] == "epoch" and args["training_args"]["save_total_limit"] == 1
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert "resumes from there" in first
     proc = run_script("eval_source_target.sh", tmp_path, timeout=900, MAX_QUESTIONS="3", **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded default" in proc.stderr.splitlines()[0]
