@@ -70,3 +70,10 @@ def generate_two_answers(model_path, image_folder, work_dir, max_new_tokens: int
                  str(image_folder), "--answers-file", str(answers), "--max_new_tokens", str(max_new_tokens),
                  "--batch-size", "2", "--no-progress"]) == 0
     return [json.loads(line) for line in answers.read_text().splitlines()]
+
+
+def one_line(text: str) -> str:
+    """`text` with every run of white space as one space.  Compare CLI messages this way: run_cli wraps a
+    UserError at 100 columns (llava_sculpt/errors.py), so where a line breaks, and so whether a phrase is
+    split over two lines, depends on the length of the paths in the message (the temp folder's, say)."""
+    return " ".join(text.split())

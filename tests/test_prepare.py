@@ -13,6 +13,8 @@ from llava_sculpt.data.prepare.iconqa import format_prompt
 from llava_sculpt.data.prepare.synthetic_raw import caption_sentences, write_raw_fixture
 from llava_sculpt.errors import run_cli
 
+from helpers import one_line
+
 SUFFIX = "\nAnswer the question using a single word or phrase."
 MC = "Answer with the option's letter from the given choices directly."
 DATASETS = ["iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa"]
@@ -273,7 +275,7 @@ def test_missing_image_is_an_error_naming_it(dataset, raw_of, tmp_path, capsys):
     assert not (tmp_path / "bad" / "questions.jsonl").exists()
 
     assert run_cli(main, argv + ["--skip-missing-images"]) == 0
-    assert "skipping" in capsys.readouterr().err
+    assert "skipping" in one_line(capsys.readouterr().err)
     kept = _lines(tmp_path / "bad" / "questions.jsonl")
     assert missing not in {q["image"] for q in kept}
     assert len(kept) == len(all_questions) - sharing
@@ -327,11 +329,11 @@ def test_bad_flags_and_paths(raw_of, tmp_path, capsys):
     raw = raw_of("iconqa", n=2)
     base = ["iconqa", "--raw-dir", str(raw), "--out-dir", str(tmp_path / "o")]
     assert run_cli(main, base + ["--split", "train"]) == 2
-    assert "--split 'train'" in capsys.readouterr().err
+    assert "--split 'train'" in one_line(capsys.readouterr().err)
     assert run_cli(main, ["gqa", "--raw-dir", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "o")]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is not a folder" in one_line(capsys.readouterr().err)
     assert run_cli(main, ["gqa", "--raw-dir", str(raw), "--out-dir", str(tmp_path / "o")]) == 2
-    assert "testdev_balanced_questions.json" in capsys.readouterr().err
+    assert "testdev_balanced_questions.json" in one_line(capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(base + ["--num-test", "-1"])
 
