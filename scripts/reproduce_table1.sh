@@ -22,6 +22,9 @@
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
+#   ALLOW_NON_KARPATHY  set to 1 to accept a DATA_ROOT/coco that is not a Karpathy split (its manifest.json
+#                says karpathy false, e.g. lmms-lab(-encoder)/COCO-Caption's val2014 or val2017): by default
+#                the script refuses it, since the paper's COCO CIDEr is on the Karpathy test split
 # DARE, Model Tailor, intruders are evaluated on their merged checkpoint (RUN/merged). Rerunning continues where it
 # stopped: finished runs (training_complete.json) are not retrained and generation resumes.
 # Model Tailor runs with --tailor_compat official: the authors' release (compensation added, kept set chosen
@@ -55,6 +58,19 @@ for target in $TARGETS; do
   [ -f "$DATA_ROOT/$target/train.json" ] || script_error "DATA_ROOT=$DATA_ROOT has no $target/train.json (the" \
     "training data of target $target): run \`llava-sculpt prepare $target --out-dir $DATA_ROOT/$target ...\`"
 done
+case " ${BENCHMARKS:-okvqa ocrvqa gqa textvqa iconqa coco} $TARGETS " in
+  *" coco "*)  # COCO must be a Karpathy split (manifest.json's karpathy / coco_split), unless ALLOW_NON_KARPATHY=1
+    coco_rc=0
+    coco_split=$("$PYTHON" -m llava_sculpt.data.prepare.coco "$DATA_ROOT/coco/manifest.json") || coco_rc=$?
+    if [ "$coco_rc" = 3 ] && [ "${ALLOW_NON_KARPATHY:-0}" = 1 ]; then
+      echo "warning: $coco_split (ALLOW_NON_KARPATHY=1: used anyway; its CIDEr is not the paper's)" >&2
+    elif [ "$coco_rc" = 3 ]; then
+      script_error "$coco_split. Prepare the Karpathy split (\`llava-sculpt prepare coco --raw-dir\` on" \
+        "dataset_coco.json, or --hf-dataset yerevann/coco-karpathy), or set ALLOW_NON_KARPATHY=1 to use it anyway"
+    elif [ "$coco_rc" != 0 ]; then
+      script_error "cannot check which COCO split $DATA_ROOT/coco/manifest.json is: ${coco_split:-$PYTHON failed}"
+    fi ;;
+esac
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 
 echo "== zero-shot" >&2

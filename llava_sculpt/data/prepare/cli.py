@@ -5,11 +5,26 @@ into LLaVA-1.5 training JSON and evaluation question JSON lines.
         --out-dir OUT [--split S] [--num-train 10000] [--num-test N|all] [--seed 0] [--image-root DIR]
         [--skip-missing-images]
 
---hf-dataset reads the benchmark as a Hugging Face dataset instead (a hub name such as lmms-lab/OK-VQA,
-lmms-lab/textvqa, lmms-lab/GQA, lmms-lab/ICON-QA, yerevann/coco-karpathy, lmms-lab/COCO-Caption2017,
-howard-hou/OCR-VQA; a local folder of its parquet files; or a save_to_disk folder) and writes the same
-files as the raw converter does; its images are written under --image-root (default: OUT).  See hf.py
-for the columns used per benchmark.
+--hf-dataset reads the benchmark as a Hugging Face dataset instead (a hub name such as
+lmms-lab-encoder/OK-VQA, lmms-lab-encoder/textvqa, lmms-lab-encoder/GQA, lmms-lab-encoder/ICON-QA,
+yerevann/coco-karpathy, lmms-lab-encoder/COCO-Caption2017, howard-hou/OCR-VQA; a local folder of its
+parquet files; or a save_to_disk folder) and writes the same files as the raw converter does; its images
+are written under --image-root (default: OUT).  See hf.py for the columns used per benchmark.
+  Names: lmms-eval moved its datasets from lmms-lab/X to lmms-lab-encoder/X in 2026-07.  Both names
+  work: when one cannot be loaded (e.g. a local Hugging Face cache made under the old name, with
+  HF_HUB_OFFLINE=1) the other is tried, with a warning; a local folder works whatever it is called.
+  okvqa: `answers` must hold the PROCESSED `answer` strings of the official annotations (what
+  GT-Vision-Lab's vqaEval.py and `llava-sculpt score okvqa` expect; the scorer normalises them itself),
+  not `raw_answer`; of {"answer", "raw_answer"} dicts `answer` is read.
+  coco: only the Karpathy layout (yerevann/coco-karpathy) is the Karpathy split the paper's CIDEr uses;
+  lmms-lab(-encoder)/COCO-Caption `val` is all 40,504 val2014 images, `test` is test2014 (no published
+  captions: an error), COCO-Caption2017 `val` is val2017.  manifest.json records "karpathy" and
+  "coco_split" (e.g. karpathy_test, val2014), a non-Karpathy import prints a warning naming it, and
+  scripts/reproduce_table1.sh refuses it unless ALLOW_NON_KARPATHY=1.
+  iconqa: lmms-lab(-encoder)/ICON-QA joins `choices` with commas; a choice holding a comma ("1,000") is
+  detected with a choice-count column (num_choices) when the dataset has one, else from the answer text
+  or a thousands separator (with a warning naming the rows); other commas inside a non-answer choice
+  cannot be seen.
 
 Raw files expected in RAW (names as distributed):
   iconqa   problems.json, pid_splits.json                    images iconqa/{split}/choose_txt/{pid}/image.png
@@ -63,6 +78,8 @@ Outputs in OUT (all written atomically):
                       "train_ids": [...], "test_ids": [...]} (train_ids empty for source datasets)
   manifest.json      {"dataset", "split", "seed", "image_folder" (absolute: pass it as --image_folder /
                       --image-folder), "raw_files", "files": {role: file name}, "counts": {...}}
+                     (+ "hf_dataset", "tables" with --hf-dataset; coco: "karpathy" true/false and
+                     "coco_split", e.g. karpathy_test, or val2014 for lmms-lab/COCO-Caption val)
 
 Sampling: --num-train / --num-test items are drawn without replacement by `random.Random("{dataset}:
 {train|test}:{seed}")` and kept in raw-file order, so the same seed gives the same ids on every machine.
@@ -108,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--raw-dir", type=Path, help="folder with the official raw files")
     source.add_argument("--hf-dataset", metavar="NAME_OR_DIR",
-                        help="the benchmark as a Hugging Face dataset: a hub name, a local folder of parquet "
+                        help="the benchmark as a Hugging Face dataset: a hub name (lmms-eval's are now "
+                             "lmms-lab-encoder/X, formerly lmms-lab/X: both work), a local folder of parquet "
                              "files, or a save_to_disk folder (instead of --raw-dir)")
     parser.add_argument("--out-dir", required=True, type=Path, help="folder to write the outputs to")
     parser.add_argument("--split", default=None, help="evaluation split (dataset-specific default)")
@@ -158,7 +176,8 @@ def write_outputs(opts: PrepareOptions, result: Prepared, source: dict | None = 
     write_json(out / "manifest.json", {
         "dataset": opts.dataset, "split": result.split, "seed": opts.seed,
         "image_folder": str(result.image_folder.resolve()),
-        "raw_files": [str(p.resolve()) for p in result.raw_files], **(source or {}), "files": files,
+        "raw_files": [str(p.resolve()) for p in result.raw_files], **(source or {}), **result.manifest,
+        "files": files,
         "counts": {"train": len(train_ids), "test": len(test_ids)}}, indent=1)
     return files
 

@@ -68,5 +68,59 @@ def prepare(opts: PrepareOptions) -> Prepared:
         for caption in im["captions"]:
             ground_truth["annotations"].append({"image_id": im["cocoid"], "id": len(ground_truth["annotations"]) + 1,
                                                 "caption": caption})
+    # dataset_coco.json is Karpathy's file: its splits are Karpathy's (scripts/reproduce_table1.sh checks this)
     return Prepared(split=split, image_folder=folder, questions=questions, train=train,
-                    json_files={"annotations.json": ground_truth}, raw_files=[path])
+                    json_files={"annotations.json": ground_truth}, raw_files=[path],
+                    manifest={"karpathy": True, "coco_split": f"karpathy_{split}"})
+
+
+# ------------------------------------------------------------------------- is a prepared COCO Karpathy's?
+KARPATHY_CHECK_NOT_KARPATHY = 3     # exit status of `python -m llava_sculpt.data.prepare.coco MANIFEST`
+
+
+def karpathy_status(manifest: dict) -> tuple[bool, str]:
+    """(whether a `prepare coco` manifest.json is a Karpathy split, what it is, in words).  `prepare`
+    records "karpathy" and "coco_split"; a manifest written before it did is Karpathy when it came from
+    --raw-dir (this converter reads only Karpathy's dataset_coco.json) and unknown from --hf-dataset."""
+    split = manifest.get("coco_split")
+    if "karpathy" in manifest:
+        karpathy = manifest["karpathy"] is True
+        if not karpathy:
+            return False, f"the COCO {split} image set from {manifest.get('hf_dataset') or 'an unknown source'}"
+        return True, f"the Karpathy {manifest.get('split')} split"
+    if manifest.get("hf_dataset"):
+        return False, (f"a COCO split of unknown kind, imported from {manifest['hf_dataset']} by an older "
+                       f"llava-sculpt that did not record which split it is (run `llava-sculpt prepare coco "
+                       f"--hf-dataset ...` again to record it)")
+    return True, f"the Karpathy {manifest.get('split')} split (from dataset_coco.json)"
+
+
+def _check_main(argv: list[str]) -> int:
+    """`python -m llava_sculpt.data.prepare.coco MANIFEST`: one line saying what the prepared COCO is; exit 0
+    when it is a Karpathy split, KARPATHY_CHECK_NOT_KARPATHY when not, 2 when the manifest is unreadable."""
+    import json
+    import sys
+
+    if len(argv) != 1:
+        print("usage: python -m llava_sculpt.data.prepare.coco MANIFEST", file=sys.stderr)
+        return 2
+    try:
+        with open(argv[0], encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        print(f"{argv[0]}: not a readable `llava-sculpt prepare` manifest ({err})")
+        return 2
+    karpathy, what = karpathy_status(manifest)
+    if karpathy:
+        print(f"{argv[0]}: {what}")
+        return 0
+    print(f"{argv[0]}: {what}, not the Karpathy test split the paper's COCO CIDEr is computed on")
+    return KARPATHY_CHECK_NOT_KARPATHY
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_check_main(sys.argv[1:]))

@@ -42,6 +42,7 @@ class Prepared:
     json_files: dict[str, Any] = field(default_factory=dict)      # name -> object written as JSON
     jsonl_files: dict[str, list[dict]] = field(default_factory=dict)
     raw_files: list[Path] = field(default_factory=list)           # inputs actually read
+    manifest: dict[str, Any] = field(default_factory=dict)        # extra manifest.json entries (coco: the split)
 
 
 def warn(message: str) -> None:

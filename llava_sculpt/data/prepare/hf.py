@@ -3,7 +3,10 @@ from the benchmark as a Hugging Face dataset (the parquet datasets lmms-eval eva
 
 NAME_OR_DIR is either
   * a dataset name on the Hugging Face hub (`datasets.load_dataset`; needs network access, or the dataset
-    already in the local Hugging Face cache, e.g. with HF_HUB_OFFLINE=1),
+    already in the local Hugging Face cache, e.g. with HF_HUB_OFFLINE=1).  lmms-eval moved its datasets from
+    lmms-lab/X to lmms-lab-encoder/X in 2026-07: either name is accepted, and when one cannot be loaded (e.g.
+    a cache made under the old name) the other is tried, with a warning; manifest.json records the name
+    that loaded,
   * a local folder of parquet files (a clone or `hf download` of the dataset repository: files named
     `{split}-00000-of-0000N[-hash].parquet` or `{split}.parquet`, in any sub-folder; `0000.parquet` files
     take the split from their folder name), or a single parquet file (taken as the requested split),
@@ -27,7 +30,10 @@ under lmms_eval/tasks/ and from the dataset cards' `dataset_info` blocks):
            answers (list of string), question_type, answer_type).  Used: question_id (int or a string of
            digits), question, answers (10 strings, or official {"answer", ...} dicts), image; image_id when
            the dataset has it, else question_id // 10 (OK-VQA numbers a question image_id * 10 + k); every
-           other column (question_type, answer_type, ...) is copied into the annotation entry.
+           other column (question_type, answer_type, ...) is copied into the annotation entry.  The
+           answers must be the PROCESSED `answer` strings of the official annotations (what GT-Vision-Lab's
+           vqaEval.py and `llava-sculpt score okvqa` compare against, normalising them only as that
+           evaluator does), not `raw_answer`; of {"answer", "raw_answer", ...} dicts `answer` is read.
   textvqa  lmms-lab/textvqa, split validation (lmms-eval textvqa_val: doc["question"], doc["answers"],
            doc["ocr_tokens"], doc["question_id"], doc["image"]; card features image_id, question_id,
            question, question_tokens, image, image_width, image_height, flickr_original_url,
@@ -47,7 +53,13 @@ under lmms_eval/tasks/ and from the dataset cards' `dataset_info` blocks):
            (string), answer (string), query_image, choice_image_0, choice_image_1, ques_type, label,
            grade, skills).  Used: question_id, question, choices (comma-separated string or a list),
            answer, ques_type (rows other than choose_txt are skipped, as the raw converter skips them),
-           query_image (or image).  The card does not say how `answer` encodes the right choice: it is
+           query_image (or image).  `choices` is one comma-joined string there, so a choice holding a
+           comma ("1,000") comes back as two: a choice-count column (num_choices, choice_count,
+           n_choices, num_options), when present, settles each row (an unresolvable mismatch is an
+           error); otherwise an answer text holding the comma, or digits split at a thousands separator,
+           are joined back with a warning listing the rows (split_iconqa_choices).  A comma inside a
+           non-numeric choice that is not the answer cannot be detected: a list-valued `choices` avoids it.
+           The card does not say how `answer` encodes the right choice: it is
            read as an index into the choices (the official problems.json convention) or as the choice
            text, whichever fits every choose_txt row (index when both do, with a warning if that changes
            an answer).  lmms-lab/ICON-QA has no train split: train.json needs a dataset with one.
@@ -60,7 +72,14 @@ under lmms_eval/tasks/ and from the dataset cards' `dataset_info` blocks):
            lmms-lab/COCO-Caption2017 layout (lmms-eval coco2014_cap_val / coco2017_cap_val:
            doc["question_id"] = the image file name, the image id parsed from it, doc["answer"] = the
            reference captions, doc["image"]); each row is one evaluation image, the folder is the one in a
-           COCO_{folder}_ file name, else the split name.
+           COCO_{folder}_ file name, else the split name.  Only the Karpathy layout is the Karpathy split:
+           lmms-lab/COCO-Caption `val` is all 40,504 val2014 images, its `test` is test2014 (no published
+           references: an error), COCO-Caption2017 `val` is val2017.  manifest.json records "karpathy"
+           (true/false) and "coco_split" (karpathy_test, karpathy_val, or the image set read from the file
+           names: val2014, test2014, val2017, ...), annotations.json's "info" says the same, and a
+           non-Karpathy import prints a warning naming the split used (scripts/reproduce_table1.sh refuses
+           it unless ALLOW_NON_KARPATHY=1).  Null or blank captions are dropped; an evaluation image left
+           without any is an error.
   ocrvqa   howard-hou/OCR-VQA, splits train / validation / test (not in lmms-eval; card features image,
            image_id, questions, answers, ocr_tokens, ocr_info, title, authorName, genre, image_width,
            image_height, image_url, set_name).  Used: image_id (the book key), questions, answers, image,
@@ -69,7 +88,9 @@ under lmms_eval/tasks/ and from the dataset cards' `dataset_info` blocks):
 
 Schemas not confirmed by the material above (stated in the README): the columns of GQA's
 *_instructions configurations beyond id, imageId, question, isBalanced and answer; the encoding of
-ICON-QA's `answer`; the columns of lmms-lab/COCO-Caption beyond question_id, answer, id and image.
+ICON-QA's `answer`; the columns of lmms-lab/COCO-Caption beyond question_id, answer, id and image; the
+form of COCO-Caption2017's file names (taken as COCO 2017's {id:012d}.jpg when they have no COCO_{set}_
+prefix, which labels the split {split}2017); whether any lmms-lab ICON-QA copy has a choice-count column.
 A dataset that lacks a column a benchmark needs is a UserError naming the missing column(s) and the
 columns present.
 """
@@ -149,6 +170,31 @@ class Table:
         return (self.ds.remove_columns(drop) if drop else self.ds).to_list()
 
 
+# lmms-eval's hub organisations: its datasets moved from lmms-lab/X to lmms-lab-encoder/X in 2026-07 (same
+# repositories, same files); either name is accepted and the other is tried when one cannot be loaded.
+LMMS_EVAL_ORGS = ("lmms-lab", "lmms-lab-encoder")
+
+
+def other_hub_names(spec: str) -> list[str]:
+    """The same dataset under lmms-eval's other organisation(s): 'lmms-lab/X' <-> 'lmms-lab-encoder/X'."""
+    org, slash, rest = spec.partition("/")
+    if not slash or org not in LMMS_EVAL_ORGS:
+        return []
+    return [f"{other}/{rest}" for other in LMMS_EVAL_ORGS if other != org]
+
+
+class _HubUnavailable(Exception):
+    """A hub name could not be loaded at all (not on the hub, not in the cache, no network)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _short(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
 class Source:
     """--hf-dataset: a hub name, a local folder / parquet file, or a save_to_disk folder."""
 
@@ -156,13 +202,14 @@ class Source:
         self.spec = spec
         self.path = Path(spec).expanduser()
         self.local = self.path.exists()
+        self.resolved: str | None = None      # the hub name that loaded (spec, or its other organisation)
         if not self.local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
             raise UserError(f"--hf-dataset {spec}: no such file or folder (a local dataset must be a folder of "
                             f"parquet files, a parquet file or a save_to_disk folder; a hub dataset is "
-                            f"named like lmms-lab/OK-VQA).")
+                            f"named like lmms-lab-encoder/OK-VQA, formerly lmms-lab/OK-VQA).")
 
     def name(self) -> str:
-        return str(self.path.resolve()) if self.local else self.spec
+        return str(self.path.resolve()) if self.local else (self.resolved or self.spec)
 
     def load(self, names: Sequence[str], config: str | None = None, required: bool = True,
              split: str | None = None, config_optional: bool = False) -> Table | None:
@@ -173,12 +220,36 @@ class Source:
 
     # -- hub
     def _load_hub(self, names, config, required, split) -> Table | None:
+        """Load from the hub (or the local Hugging Face cache).  A name under one of lmms-eval's two
+        organisations (LMMS_EVAL_ORGS) that cannot be loaded is tried under the other one, so a cache or
+        mirror made before or after the 2026-07 move works with either name."""
+        repos = [self.resolved] if self.resolved else [self.spec, *other_hub_names(self.spec)]
+        failures = []
+        for repo in repos:
+            try:
+                table = self._load_hub_repo(repo, names, config, required, split)
+            except _HubUnavailable as err:
+                failures.append((repo, err.cause))
+                continue
+            if self.resolved is None and repo != self.spec:
+                warn(f"--hf-dataset {self.spec} could not be loaded ({_short(failures[0][1])}); loaded {repo}, the "
+                     f"same dataset under lmms-eval's other organisation name (lmms-eval moved its datasets from "
+                     f"lmms-lab/X to lmms-lab-encoder/X in 2026-07). manifest.json records {repo}.")
+            self.resolved = repo
+            return table
+        what = " nor ".join(f"{repo}" + (f" (configuration {config})" if config else "") for repo, _ in failures)
+        tried = "; ".join(f"{repo}: {_short(cause)}" for repo, cause in failures)
+        raise UserError(f"--hf-dataset {what}: cannot load it from the Hugging Face hub ({tried}). A hub dataset "
+                        f"needs network access or a copy in the local Hugging Face cache; or give a local folder "
+                        f"of parquet files or a save_to_disk folder.")
+
+    def _load_hub_repo(self, repo, names, config, required, split) -> Table | None:
         datasets = _datasets()
-        what = f"{self.spec}" + (f" (configuration {config})" if config else "")
+        what = f"{repo}" + (f" (configuration {config})" if config else "")
         last = None
         for name in names:
             try:
-                args = (self.spec, config) if config else (self.spec,)
+                args = (repo, config) if config else (repo,)
                 ds = datasets.load_dataset(*args, split=name)
             except ValueError as err:
                 if "Unknown split" in str(err):
@@ -186,10 +257,7 @@ class Source:
                     continue
                 raise UserError(f"--hf-dataset {what}: cannot load split {name!r}: {err}") from None
             except Exception as err:  # network, not on the hub, not in the cache, ...
-                raise UserError(f"--hf-dataset {what}: cannot load it from the Hugging Face hub "
-                                f"({type(err).__name__}: {err}). A hub dataset needs network access or a "
-                                f"copy in the local Hugging Face cache; or give a local folder of parquet "
-                                f"files or a save_to_disk folder.") from None
+                raise _HubUnavailable(err) from None
             return Table(ds, f"{what} [{name}]", split or names[0])
         if required:
             raise UserError(f"--hf-dataset {what}: no split {' or '.join(map(repr, names))} ({last}).")
@@ -297,6 +365,8 @@ class Build:
     external: set[str] = field(default_factory=set)                     # rel paths found under --image-root
     tables: dict[str, Table] = field(default_factory=dict)
     has_train: bool = True
+    manifest: dict[str, Any] = field(default_factory=dict)             # extra manifest.json entries
+    coco: dict[str, Any] | None = None                                  # COCO: what the evaluation split is
 
     def add_table(self, key: str, table: Table) -> None:
         self.tables[key] = table
@@ -377,6 +447,10 @@ def _okvqa(ctx: Context, split: str, build: Build) -> None:
         if isinstance(answers, list):
             answers = [{"answer_id": k + 1, "answer": a} if not isinstance(a, dict) else a
                        for k, a in enumerate(answers)]
+            if any("answer" not in a for a in answers):
+                raise UserError(f"--hf-dataset {table.label}: row {i} (question_id {qid}): an entry of 'answers' "
+                                f"has no 'answer' field ({answers[0]!r}); the scorer reads the processed "
+                                f"'answer' strings of the official annotations, not 'raw_answer'.")
         questions.append({"image_id": image_id, "question": row["question"], "question_id": qid})
         annotations.append({"image_id": image_id, "question_id": qid,
                             **_present(row, ("question", "answers", "image_id", "question_id")),
@@ -479,6 +553,82 @@ def _iconqa_answers(rows: list[tuple[Table, int, dict, list[str]]]) -> list[int]
                     f"row ({describe(as_text.index(None))}).")
 
 
+# A column giving each row's number of choices, when the dataset has one (lmms-lab/ICON-QA does not).
+ICONQA_COUNT_COLUMNS = ("num_choices", "choice_count", "n_choices", "num_options")
+# a number written with thousands separators: "1,000", "$12,500", "-3,000,000.5"
+_THOUSANDS = re.compile(r"[^\d,\s]{0,3}\d{1,3}(,\d{3})+(\.\d+)?")
+_MAX_PIECES = 16
+
+
+def _readings(pieces: list[str]) -> list[list[str]]:
+    """Every way to join runs of consecutive pieces back into numbers with thousands separators (a run of
+    one piece is always allowed), the plain split last; in order of preference among equally long ones:
+    the earliest, longest joins first."""
+    out: list[list[str]] = []
+
+    def walk(start: int, done: list[str]) -> None:
+        if start == len(pieces):
+            out.append(done)
+            return
+        for end in range(len(pieces), start, -1):
+            run = ",".join(pieces[start:end])
+            if end - start == 1 or _THOUSANDS.fullmatch(run):
+                walk(end, done + [run])
+
+    walk(0, [])
+    return out
+
+
+def split_iconqa_choices(text: str, count: int | None = None, answer: Any = None) -> tuple[list[str], str | None]:
+    """The choices of a comma-joined ICON-QA `choices` string, and how a comma inside a choice was found
+    (None when the plain split is taken as it is).  lmms-lab/ICON-QA joins the choices with "," (lmms-eval
+    splits them back with split(",")), so a choice holding a comma ("1,000") silently becomes two.  Used
+    where the data allow it:
+      * the answer text: an `answer` holding a comma that equals consecutive pieces joins them ("answer");
+      * `count` (a choice-count column): the reading with `count` choices (the plain split when it has
+        them), where pieces may be joined back only into numbers with thousands separators ("count"); no
+        such reading is a ValueError;
+      * otherwise, pieces that join back into such numbers ("1", "000") are joined ("thousands"; a guess
+        the caller warns about): the reading with the fewest choices that still has two (IconQA's
+        minimum) and keeps the answer (an index in range, or one of the choices), earliest joins first.
+    A comma inside a non-numeric choice that is not the answer cannot be seen."""
+    pieces = [c.strip() for c in text.split(",")]
+    how = None
+    answer_text = "" if answer is None or isinstance(answer, (bool, float)) else str(answer).strip()
+    if "," in answer_text and answer_text not in pieces:
+        parts = [c.strip() for c in answer_text.split(",")]
+        for start in range(len(pieces) - len(parts) + 1):
+            if pieces[start:start + len(parts)] == parts:
+                pieces = pieces[:start] + [answer_text] + pieces[start + len(parts):]
+                how = "answer"
+                break
+    if count is not None and len(pieces) == count:
+        return pieces, how
+    if len(pieces) > _MAX_PIECES:
+        if count is not None:
+            raise ValueError(f"choices {text!r} split at its commas gives {len(pieces)} choices, but the row says "
+                             f"{count}")
+        return pieces, how
+    readings = _readings(pieces)
+
+    def keeps_answer(choices: list[str]) -> bool:
+        if not answer_text:
+            return True
+        return answer_text in choices or (answer_text.isdigit() and int(answer_text) < len(choices))
+
+    if count is not None:
+        fits = [r for r in readings if len(r) == count]
+        if not fits:
+            raise ValueError(f"choices {text!r} split at its commas gives {len(pieces)} choices, but the row says "
+                             f"{count}")
+        return fits[0], "count"
+    fits = [r for r in readings if len(r) >= 2 and keeps_answer(r)]
+    if not fits:
+        return pieces, how
+    best = min(fits, key=len)           # min keeps the first of the shortest: the preferred order
+    return (best, "thousands") if best != pieces else (pieces, how)
+
+
 def _iconqa(ctx: Context, split: str, build: Build) -> None:
     schema = ("the lmms-lab/ICON-QA schema: question_id, question, choices (comma-separated), answer, "
               "query_image, ques_type, ...")
@@ -496,21 +646,41 @@ def _iconqa(ctx: Context, split: str, build: Build) -> None:
     pid_splits: dict[str, list[str]] = {f"choose_txt_{t.split}": [] for t in tables}
     chosen: list[tuple[Table, int, dict, list[str]]] = []
     columns, empty = {}, {}
+    commas: dict[str, list[str]] = {}          # how a comma inside a choice was found -> the rows
     for table in tables:
         column = ctx.image_column(table, ["query_image", "image"])
         columns[table.split], empty[table.split] = column, ctx.empty_cells(table, column)
         build.add_table(table.split, table)
+        count_column = next((c for c in ICONQA_COUNT_COLUMNS if c in table.columns), None)
         drop = [c for c in table.columns if c.startswith("choice_image_")] + ([column] if column else [])
         for i, row in enumerate(table.rows(drop=drop)):
             if row["ques_type"] != "choose_txt":
                 continue
             choices = row["choices"]
             if isinstance(choices, str):
-                choices = [c.strip() for c in choices.split(",")]
+                count = row.get(count_column) if count_column else None
+                count = None if count is None else _as_int(count, count_column, table, i)
+                try:
+                    choices, how = split_iconqa_choices(choices, count, row["answer"])
+                except ValueError as err:
+                    raise UserError(f"--hf-dataset {table.label}: row {i} (question_id {row['question_id']!r}): "
+                                    f"{err} (column {count_column!r}); a comma inside a choice that is not a "
+                                    f"thousands separator cannot be told apart from the separator.") from None
+                if how:
+                    commas.setdefault(how, []).append(
+                        f"question_id {row['question_id']!r}: {row['choices']!r} -> {choices}")
             elif not isinstance(choices, list):
                 raise UserError(f"--hf-dataset {table.label}: column 'choices' of row {i} is {choices!r}; expected "
                                 f"a comma-separated string or a list of strings.")
             chosen.append((table, i, row, choices))
+    reasons = {"count": f"the {{}} column gives the number of choices",
+               "answer": "the answer text holds the comma",
+               "thousands": "read as a thousands separator; a GUESS (a list-valued 'choices' column or a "
+                            "choice-count column such as num_choices would settle it): check these rows"}
+    for how, rows in commas.items():
+        reason = reasons[how].format(repr(count_column))
+        warn(f"IconQA: {len(rows)} choose_txt row(s) have a comma inside a choice of the comma-joined 'choices' "
+             f"string ({reason}): {'; '.join(rows[:5])}{'; ...' if len(rows) > 5 else ''}.")
     answers = _iconqa_answers(chosen) if chosen else []
     problems = {}
     for (table, i, row, choices), answer in zip(chosen, answers):
@@ -539,7 +709,9 @@ def _coco_entry(table: Table, i: int, row: dict, split: str) -> dict:
     else:                                               # lmms-lab/COCO-Caption layout
         filename = str(row.get("file_name") or row["question_id"])
         answer = row["answer"]
-        sentences = [{"raw": a} for a in (answer if isinstance(answer, list) else [answer])]
+        answer = answer if isinstance(answer, list) else [] if answer is None else [answer]
+        # a null or blank caption is no reference: a row without any is caught below / by the converter
+        sentences = [{"raw": a} for a in answer if a is not None and str(a).strip()]
     match = COCO_FILE_NAME.search(filename)
     filepath = row.get("filepath") or (match.group(1) if match else None)
     if filepath is None:
@@ -582,13 +754,48 @@ def _coco(ctx: Context, split: str, build: Build) -> None:
         column = ctx.image_column(table, ["image"])
         build.add_table(table.split, table)
         empty = ctx.empty_cells(table, column)
+        entries = []
         for i, row in enumerate(table.rows(drop=[column] if column else [])):
             entry = _coco_entry(table, i, row, table.split)
             rel = build.image(f"{entry['filepath']}/{entry['filename']}", table.split, column, i, i in empty,
                               ctx.image_folder)
             entry["filepath"], entry["filename"] = rel.rsplit("/", 1)
-            images.append(entry)
+            entries.append(entry)
+        if table.split == split:
+            build.coco = coco_split_of(table, entries)
+            if entries and not any(e["sentences"] for e in entries):
+                note = (" (COCO test2014: its reference captions were never published)"
+                        if build.coco["coco_split"] == "test2014" else "")
+                raise UserError(f"--hf-dataset {table.label}: none of its {len(entries)} images has reference "
+                                f"captions{note}, and CIDEr needs them. Use a split with references: the "
+                                f"Karpathy test split (yerevann/coco-karpathy, --split test) for the paper's "
+                                f"numbers, or lmms-lab-encoder/COCO-Caption --split val (all of val2014).")
+        images.extend(entries)
     build.raw_files["dataset_coco.json"] = {"images": images, "dataset": "coco"}
+    build.manifest.update({k: build.coco[k] for k in ("karpathy", "coco_split")})
+
+
+def coco_split_of(table: Table, entries: list[dict]) -> dict[str, Any]:
+    """What the COCO evaluation table really is: {"karpathy", "coco_split", "hub_split", "description"}.
+    The Karpathy layout (a `sentences` column: yerevann/coco-karpathy) is the Karpathy split it was loaded
+    as.  The lmms-lab/COCO-Caption layout never is: lmms-lab/COCO-Caption `val` is all 40,504 val2014
+    images, its `test` is test2014 (no references), COCO-Caption2017 `val` is val2017; the image set is read
+    from the file names (COCO_{set}_{id}.jpg; 2017 images are named {id:012d}.jpg)."""
+    hub_split = table.label.rsplit("[", 1)[-1].rstrip("]") if table.label.endswith("]") else table.split
+    if "sentences" in table.columns:
+        name = f"karpathy_{table.split}"
+        return {"karpathy": True, "coco_split": name, "hub_split": hub_split,
+                "description": f"COCO captions, Karpathy {table.split} split, from {table.label}"}
+    folders = sorted({m.group(1) for m in (COCO_FILE_NAME.search(e["filename"]) for e in entries) if m})
+    unprefixed = [e["filename"] for e in entries if not COCO_FILE_NAME.search(e["filename"])]
+    if unprefixed and all(re.fullmatch(r"\d{12}\.\w+", f) for f in unprefixed):
+        folders.append(f"{table.split}2017")
+    elif unprefixed:
+        folders.append(f"'{hub_split}' split")
+    name = "+".join(folders) or f"'{hub_split}' split"
+    return {"karpathy": False, "coco_split": name, "hub_split": hub_split,
+            "description": f"COCO captions, {name} images from {table.label} ({len(entries)} images); NOT the "
+                           f"Karpathy split"}
 
 
 def _ocrvqa(ctx: Context, split: str, build: Build) -> None:
@@ -713,5 +920,20 @@ def prepare_hf(opts: PrepareOptions, spec: str, converter, image_root_given: boo
     written = _write_images(build, needed, image_folder)
     prepared.image_folder = image_folder
     prepared.raw_files = []
+    prepared.manifest.update(build.manifest)
+    if build.coco is not None:
+        _label_coco(prepared, build.coco, source)
     tables = {key: table.label for key, table in build.tables.items()}
     return HFResult(prepared, num_train, {"hf_dataset": source.name(), "tables": tables}, written)
+
+
+def _label_coco(prepared: Prepared, coco: dict, source: Source) -> None:
+    """Say in annotations.json what the COCO evaluation images are, and warn when they are not Karpathy's."""
+    info = prepared.json_files["annotations.json"].setdefault("info", {})
+    info.update(description=coco["description"], coco_split=coco["coco_split"], karpathy=coco["karpathy"])
+    if not coco["karpathy"]:
+        warn(f"COCO: {source.name()} [{coco['hub_split']}] is the COCO {coco['coco_split']} image set "
+             f"({len(prepared.questions)} images written as questions), NOT the Karpathy test split (5,000 val2014 "
+             f"images) the paper's CIDEr is computed on; manifest.json records coco_split "
+             f"{coco['coco_split']!r} with karpathy false, and scripts/reproduce_table1.sh refuses it unless "
+             f"ALLOW_NON_KARPATHY=1. For the paper's split use yerevann/coco-karpathy (--split test).")
