@@ -13,6 +13,7 @@ import sys
 import tempfile
 from typing import Sequence
 
+from llava_sculpt.atomic import give_normal_modes, make_temp_dir
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.model.load import ADAPTER_CONFIG, DTYPES, load_for_inference
 
@@ -29,10 +30,11 @@ def merge_run(model_path: str, output_dir: str, model_base: str | None = None, d
     merged = model.merge_and_unload()
     parent = os.path.dirname(os.path.abspath(output_dir)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)
+    tmp = make_temp_dir(prefix=".merge-", dir=parent)  # a normal folder's mode, not mkdtemp's 0700
     try:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        give_normal_modes(tmp)  # safetensors writes 0600 files
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)

@@ -102,6 +102,13 @@ def test_resume_reproduces_uninterrupted_run(tiny_dir, tmp_path):
     assert run_train(tiny_dir, resumed, "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type",
                      "cosine", "--warmup_ratio", "0.2", steps=5) == 0
     assert logged_losses(resumed)[-3:] == logged_losses(full)[-3:]
+    # the reported train_loss is the whole run's mean, as uninterrupted (Trainer's covered the 3 resumed steps only)
+    final = {name: json.loads((run / "trainer_state.json").read_text())["log_history"][-1]
+             for name, run in (("full", full), ("resumed", resumed))}
+    losses = logged_losses(full)
+    assert final["full"]["train_loss"] == pytest.approx(sum(losses) / 5, abs=1e-6)
+    assert final["resumed"]["train_loss"] == pytest.approx(final["full"]["train_loss"], abs=1e-6)
+    assert final["resumed"]["train_loss_this_call"] == pytest.approx(sum(losses[2:]) / 3, abs=1e-6)
     for name in ["adapter_model.safetensors", "mm_projector.safetensors"]:
         a, b = load_safetensors(full / name), load_safetensors(resumed / name)
         assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), name

@@ -19,13 +19,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from llava_sculpt.atomic import atomic_dir
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods.asymlora import NOT_MERGEABLE, saved_experts
 from llava_sculpt.methods.base import RunContext
@@ -181,23 +180,11 @@ def save_merged(model, processor, output_dir: str, info: dict) -> str:
     """Write `model` (a plain LlavaForConditionalGeneration) + processor + transform.json to a temporary
     folder beside `output_dir`, then rename it into place; an existing `output_dir` is replaced only then.
     On any failure `output_dir` is left as it was and the temporary folder is removed."""
-    parent = os.path.dirname(os.path.abspath(output_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".transform-", dir=parent)
-    old = None
-    try:
+    with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, TRANSFORM_INFO), "w") as f:
             json.dump(info, f, indent=2)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=".transform-old-", dir=parent)
-            os.replace(output_dir, os.path.join(old, "x"))
-        os.replace(tmp, output_dir)
-    finally:
-        for path in (tmp, old):
-            if path and os.path.isdir(path):
-                shutil.rmtree(path)
     return output_dir
 
 

@@ -52,6 +52,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from llava_sculpt.atomic import give_normal_mode
+
 WeightChunkFn = Callable[[int, int], torch.Tensor]  # (start, end) -> dequantised rows W[start:end], [end-start, in]
 
 __all__ = [
@@ -422,6 +424,7 @@ def write_sparsity_json(path: str | os.PathLike, stats: Mapping[str, dict], meta
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        give_normal_mode(tmp, replaces=path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,12 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from llava_sculpt.atomic import save_safetensors
 from llava_sculpt.errors import UserError, run_cli
 
 
 def save_sparse_adapter(state: dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
     out = {}
     for key, tensor in state.items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
@@ -35,8 +34,7 @@ def save_sparse_adapter(state: dict[str, torch.Tensor], path: str) -> None:
         out[f"{key}.values"] = flat[keep].clone()
         out[f"{key}.bitmap"] = torch.from_numpy(np.packbits(keep.numpy()))
         out[f"{key}.shape"] = torch.tensor(list(tensor.shape), dtype=torch.int64)
-    save_file(out, path + ".tmp", metadata={"format": "llava-sculpt-sparse-adapter-v1"})
-    os.replace(path + ".tmp", path)
+    save_safetensors(out, path, metadata={"format": "llava-sculpt-sparse-adapter-v1"})
 
 
 def load_sparse_adapter(path: str) -> dict[str, torch.Tensor]:
@@ -70,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unpack.add_argument("run_dir", help="folder with adapter_sparse.safetensors and adapter_config.json")
     unpack.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if args.action == "pack":
         src = os.path.join(args.run_dir, "adapter_model.safetensors")
@@ -85,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = load_sparse_adapter(os.path.join(args.run_dir, "adapter_sparse.safetensors"))
     os.makedirs(args.output_dir, exist_ok=True)
     shutil.copy(config, os.path.join(args.output_dir, "adapter_config.json"))
-    save_file(state, os.path.join(args.output_dir, "adapter_model.safetensors"))
+    save_safetensors(state, os.path.join(args.output_dir, "adapter_model.safetensors"))
     with open(config) as f:
         json.load(f)
     print(f"wrote a dense PEFT adapter to {args.output_dir}")

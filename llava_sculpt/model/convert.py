@@ -38,13 +38,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from llava_sculpt.atomic import give_normal_modes, make_temp_dir
 from llava_sculpt.errors import UserError, run_cli
 
 FLAGS_FILE = "llava_sculpt_convert.json"
@@ -456,11 +456,12 @@ def _source_name(hf_name: str, tower_prefix: str) -> str:
 
 def _write_atomically(out: Path, model, processor, flags: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(make_temp_dir(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
         (tmp / FLAGS_FILE).write_text(json.dumps(flags, indent=2) + "\n")
+        give_normal_modes(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked before); a non-empty dir would make rmdir fail rather than be replaced
         os.replace(tmp, out)

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from llava_sculpt.atomic import write_json_atomic
+from llava_sculpt.atomic import give_normal_modes, write_json_atomic
 from llava_sculpt.errors import run_cli
 
 IMAGE_TOKEN = "<image>"
@@ -219,6 +219,7 @@ def build_tiny(output_dir: str | Path, seed: int = 0, num_samples: int = 24, pre
         if bar:
             hf_logging.enable_progress_bar()
     processor.save_pretrained(out / "model")
+    give_normal_modes(out / "model")  # safetensors writes 0600 files
     write_synthetic_train(out / "data", seed=seed, num_samples=num_samples)
     return out
 
