@@ -261,12 +261,15 @@ def _sculpt_flags(flags: list[str], s: DemoSettings, variant: str, total_steps: 
 
 def evaluate(model: Path, data_root: Path, eval_dir: Path, target: str, questions: int, *, zero_shot: bool = False,
              method: str | None = None, rank: int | None = None, log: Path | None = None) -> dict[str, float]:
-    """`llava-sculpt eval` of one model on the four sources and the target; returns {benchmark: score}."""
+    """`llava-sculpt eval` of one model on the four sources and the target; returns {benchmark: score}.  A
+    finished evaluation whose answers' records match (same model, same settings, same questions) is reused
+    as it is, without writing anything; a benchmark whose record differs (a retrained model, a new question
+    file, another question count) is discarded and evaluated afresh (--replace-stale)."""
     from llava_sculpt.eval.run_benchmark import main as run_benchmark
 
     argv = [*SOURCES, target, "--model-path", str(model), "--data-root", str(data_root), "--eval-dir", str(eval_dir),
             "--batch-size", "64", "--max-questions", str(questions), "--max-new-tokens", str(max_new_tokens(target)),
-            "--num-gpus", "0", "--no-progress", "--overwrite"]
+            "--num-gpus", "0", "--no-progress", "--replace-stale"]
     if method:
         argv += ["--method", method]
     if rank is not None:
@@ -418,13 +421,14 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
                 _log(f"{run_label(method, rank)}, seed {seed}: {_scores_text(scores, s.target)} "
                      f"({time.monotonic() - t0:.0f}s)", started)
             rows.append(summary_row(method, rank, per_seed, s.target))
-    summary = {"target": s.target, "questions_per_benchmark": s.questions, "seeds": list(s.seeds), "rows": rows,
+    summary = {"target": s.target, "questions_per_benchmark": s.questions,
+               "curve_questions_per_benchmark": s.curve_questions, "seeds": list(s.seeds), "rows": rows,
                "settings": asdict(s), "world": asdict(world),
                "cmr_grad_ratio_median": {k: median(v) for k, v in ratios.items() if v}}
-    write_json_atomic(out / "summary.json", summary)
+    _write_if_changed(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     table = summary_markdown(summary)
-    write_text_atomic(out / f"table1_{s.target}.md", table)
-    figures = _figures(out, groups, zero_curve)
+    _write_if_changed(out / f"table1_{s.target}.md", table)
+    figures = _figures(out, groups, zero_curve, s.curve_questions, s.questions)
     _log(f"wrote {out / 'summary.json'}, {out / f'table1_{s.target}.md'}" +
          "".join(f", {f}" for f in figures), started)
     print()
@@ -437,14 +441,26 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
     return summary
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` atomically unless `path` already holds it: a rerun that changes nothing writes nothing."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text)
+
+
 def _scores_text(scores: dict[str, float], target: str) -> str:
     source = sum(scores[b] for b in SOURCES) / len(SOURCES)
     return (", ".join(f"{b} {scores[b]:.1f}" for b in SOURCES) + f" | source {source:.1f} | {target} "
             f"{scores[target]:.1f}")
 
 
-def _figures(out: Path, groups: dict[str, list[Path]], zero_curve: dict[str, float]) -> list[Path]:
-    """Fig. 3 (source / target versus epoch, mean over seeds) and Fig. 5 (density of B A per layer)."""
+def _figures(out: Path, groups: dict[str, list[Path]], zero_curve: dict[str, float], curve_questions: int,
+             questions: int) -> list[Path]:
+    """Fig. 3 (source / target versus epoch, mean over seeds; its points on `curve_questions` questions per
+    benchmark, the table on `questions`) and Fig. 5 (density of B A per layer)."""
     from llava_sculpt.report import load_sparsity, plot_eval_curves, render
 
     written = []
@@ -452,7 +468,9 @@ def _figures(out: Path, groups: dict[str, list[Path]], zero_curve: dict[str, flo
     source = sum(zero_curve[b] for b in SOURCES) / len(SOURCES)
     target = [v for k, v in zero_curve.items() if k not in SOURCES][0]
     plot_eval_curves(groups, str(fig3), band="minmax", start={"source_mean": source, "target": target},
-                     title="Fig. 3: source and target scores during fine-tuning (mean over seeds, min-max band)")
+                     title="Fig. 3: source and target scores during fine-tuning (mean over seeds, min-max band)",
+                     start_questions=curve_questions,
+                     note=f"the table scores the saved runs on {questions} questions per benchmark")
     written.append(fig3)
     sculpt_runs = [runs[0] for label, runs in groups.items() if (runs[0] / "sparsity.json").is_file()]
     if sculpt_runs:
@@ -565,9 +583,5 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         skip = {"--method", "--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--lora_r",
                 "--lora_alpha", "--seed", "--init_lora_weights"}  # finetune.sh maps METHOD=lora-INIT itself
         kept = [x for i in range(0, len(flags), 2) if flags[i] not in skip for x in flags[i:i + 2]]
-        # unlike the demo's short runs, a script's run saves at each epoch end, so Ctrl-C loses at most one epoch
-        # and the rerun resumes from checkpoint-N (train.py's resolve_resume, LLaVA's behaviour)
-        kept[kept.index("--save_strategy") + 1] = "epoch"
-        kept += ["--save_total_limit", "1"]
         print("TINY_TRAIN_FLAGS=(" + " ".join(shlex.quote(x) for x in kept) + ")")
     return 0

@@ -19,7 +19,9 @@ llava_sculpt/eval/during_training.py), the paper's Fig. 3 is drawn too: two pane
 source benchmarks and the target score versus epoch, one line per run (labelled with the run's method and
 LoRA rank from RUN/run_args.json, or --labels), into FIRST_RUN/eval_curve.png or --curve-out.
 `plot_eval_curves({label: [run, ...]}, png)` draws groups of runs (e.g. seeds of one method) as their mean
-with a shaded min-max (or +-std) band.
+with a shaded min-max (or +-std) band.  Fig. 3 states the number of questions per benchmark behind each point
+(the points' "num_questions": --eval_max_questions).  A figure that is already there with the same pixels is
+not rewritten.
 """
 from __future__ import annotations
 
@@ -114,9 +116,27 @@ def render(doc: dict, out_path: str) -> tuple[int, list[str]]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="best")
     fig.tight_layout()
-    with atomic_open(out_path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
+    save_png(fig, out_path, dpi=120)
     return plotted, skipped
+
+
+def save_png(fig, out_path: str, dpi: int) -> bool:
+    """Write the figure as a PNG, atomically, unless `out_path` already holds exactly these bytes (a rerun
+    that draws the same figure writes nothing); returns whether it wrote."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    data = buffer.getvalue()
+    try:
+        with open(out_path, "rb") as f:
+            if f.read() == data:
+                return False
+    except OSError:
+        pass
+    with atomic_open(out_path, "wb") as handle:
+        handle.write(data)
+    return True
 
 
 def render_training(state_path: str, out_path: str) -> tuple[int, list[str]]:
@@ -163,8 +183,7 @@ def render_training(state_path: str, out_path: str) -> tuple[int, list[str]]:
         ax3.legend(loc="best", fontsize=8)
         series.append("cmr_grad_ratio")
     fig.tight_layout()
-    with atomic_open(out_path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    save_png(fig, out_path, dpi=110)
     return len(logs), series
 
 
@@ -216,14 +235,34 @@ def _aggregate(curves: list[list[dict]], key: str) -> list[tuple[float, float, f
 
 
 def plot_eval_curves(groups: dict, out_png: str, band: str = "minmax", title: str | None = None,
-                     start: dict | None = None) -> dict:
+                     start: dict | None = None, start_questions: int | None = None, note: str | None = None) -> dict:
     """The paper's Fig. 3 for groups of runs: {label: [run dir (or eval_curve.jsonl), ...]} -> two panels
     (source mean, target) versus epoch, one line per group: the mean over its runs, with a shaded band
     (`band`: "minmax", "std" = mean +- population std, or "none") where a group has several runs.  Written
-    atomically to `out_png`.  `start` ({"source_mean": float, "target": float}, e.g. the base model's scores
-    on the same questions) is drawn as every curve's epoch-0 point where a curve has none (runs that share a
-    base start from the same model, so one evaluation serves them all).
+    atomically to `out_png` (left untouched when it already holds this figure).  `start` ({"source_mean":
+    float, "target": float}, e.g. the base model's scores on the same questions, `start_questions` of them
+    per benchmark) is drawn as every curve's epoch-0 point where a curve has none (runs that share a base
+    start from the same model, so one evaluation serves them all).  The figure states how many questions per
+    benchmark each point scores (the points' "num_questions"), followed by `note` when given.
     Returns {label: {"runs": n, "points": number of evaluation points}}."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out_png))):
+        raise UserError(f"{out_png}: the directory {os.path.dirname(os.path.abspath(out_png))} does not exist")
+    fig, summary = eval_curves_figure(groups, band, title, start, start_questions, note)
+    save_png(fig, out_png, dpi=110)
+    return summary
+
+
+def questions_per_point(counts: set[int]) -> str | None:
+    """'each point: 40 questions per benchmark' (or '30-40 questions' when the points differ); None if unknown."""
+    if not counts:
+        return None
+    low, high = min(counts), max(counts)
+    return f"each point: {low if low == high else f'{low}-{high}'} questions per benchmark"
+
+
+def eval_curves_figure(groups: dict, band: str = "minmax", title: str | None = None, start: dict | None = None,
+                       start_questions: int | None = None, note: str | None = None):
+    """(matplotlib Figure, summary) of `plot_eval_curves`, not saved."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -233,7 +272,7 @@ def plot_eval_curves(groups: dict, out_png: str, band: str = "minmax", title: st
         raise UserError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
     if not groups:
         raise UserError("no runs to plot")
-    loaded, roles, summary = {}, {"source": set(), "target": set()}, {}
+    loaded, roles, summary, counts = {}, {"source": set(), "target": set()}, {}, set()
     for label, runs in groups.items():
         runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
         if not runs:
@@ -246,6 +285,11 @@ def plot_eval_curves(groups: dict, out_png: str, band: str = "minmax", title: st
             points = read_eval_curve(path)
             if start is not None and (not points or points[0].get("step") != 0):
                 points = [{"step": 0, "epoch": 0.0, **start}] + points
+                if start_questions is not None:
+                    counts.add(int(start_questions))
+            for p in points:
+                counts.update(n for n in (p.get("num_questions") or {}).values()
+                              if isinstance(n, int) and not isinstance(n, bool))
             curves.append(points)
             for p in points:
                 for name, role in (p.get("roles") or {}).items():
@@ -285,14 +329,12 @@ def plot_eval_curves(groups: dict, out_png: str, band: str = "minmax", title: st
         else:
             ax.text(0.5, 0.5, f"no {name.lower()} benchmark evaluated", ha="center", va="center",
                     transform=ax.transAxes, color="grey")
-    if title:
-        fig.suptitle(title)
+    subtitle = "; ".join(t for t in (questions_per_point(counts), note) if t)
+    heading = "\n".join(t for t in (title, subtitle) if t)
+    if heading:
+        fig.suptitle(heading, fontsize=11)
     fig.tight_layout()
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out_png))):
-        raise UserError(f"{out_png}: the directory {os.path.dirname(os.path.abspath(out_png))} does not exist")
-    with atomic_open(out_png, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    return summary
+    return fig, summary
 
 
 def _unique_labels(labels: list[str], runs: list[str]) -> list[str]:

@@ -165,3 +165,93 @@ def test_every_method_runs_through_the_demo_driver(tmp_path):
     assert args["method_flags"]["cmr_lambda"] > 0 and args["method_flags"]["sculpt_step"] > 2  # never prunes
     assert json.loads((out / "runs" / "sculpt-prune_r4_seed0" / "run_args.json").read_text())[
         "method_flags"]["cmr_lambda"] == 0
+
+
+def _files(folder: Path) -> dict[str, tuple]:
+    """Every file under `folder` but the appended logs/: (inode, mtime, bytes) by relative path."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.parts[0] != "logs":
+            st = path.stat()
+            out[str(rel)] = (st.st_ino, st.st_mtime_ns, path.read_bytes())
+    return out
+
+
+def _printed_table(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("|", "Target:"))]
+
+
+def test_demo_rerun_reuses_finished_evaluations_and_writes_nothing(tmp_path, capsys):
+    """Issue 21.6: a rerun with the same settings reuses every finished run and evaluation (answers' records
+    match) and writes no file (only logs/ grows), printing the same table; a changed setting re-evaluates."""
+    from llava_sculpt.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--world-dir", str(tmp_path / "world"), "--pretrain-steps", "8",
+            "--methods", "lora", "--seeds", "0", "--ranks", "4", "--epochs", "1", "--num-train", "32",
+            "--batch-size", "8"]
+    assert main([*argv, "--questions", "6", "--curve-questions", "3"]) == 0
+    first_table = _printed_table(capsys.readouterr().out)
+    assert len(first_table) == 5  # the heading line, the header, the rule, zero-shot and LoRA r4
+    before = _files(out)
+    answers = [name for name in before if "/answers/" in name and name.endswith(".jsonl") and "/eval_curve/" not in name]
+    assert len(answers) == 15  # zero-shot, zero-shot-curve and the run's eval: five benchmarks each
+    assert main([*argv, "--questions", "6", "--curve-questions", "3"]) == 0
+    rerun = capsys.readouterr().out
+    assert _printed_table(rerun) == first_table
+    after = _files(out)
+    assert sorted(after) == sorted(before)
+    changed = [name for name in before if after[name] != before[name]]
+    assert not changed, changed  # before the fix: every answers file, score, summary and figure rewritten
+
+    # another --curve-questions: the epoch-0 point of Fig. 3 (runs/zero-shot-curve) is evaluated afresh
+    assert main([*argv, "--questions", "6", "--curve-questions", "2"]) == 0
+    capsys.readouterr()
+    third = _files(out)
+    curve_answers = [n for n in answers if n.startswith("runs/zero-shot-curve/")]
+    for name in curve_answers:
+        assert len(third[name][2].splitlines()) == 2 and third[name] != after[name]
+    score = json.loads((out / "runs" / "zero-shot-curve" / "scores" / "okvqa.json").read_text())
+    assert score["num_asked"] == 2 and score["subset"] and not score["partial"]
+    assert all(third[n] == after[n] for n in answers if n not in curve_answers)  # the table's evaluations kept
+    assert json.loads((out / "summary.json").read_text())["curve_questions_per_benchmark"] == 2
+
+    # another --questions: the world's benchmarks are prepared again and the table's evaluations redone on 5
+    # questions; the Fig. 3 start point (still 2 questions) only where the question file changed (OCR-VQA asks
+    # two questions per book: its file is the same for 5 and 6)
+    assert main([*argv, "--questions", "5", "--curve-questions", "2"]) == 0
+    assert "| zero-shot | - |" in capsys.readouterr().out
+    fourth = _files(out)
+    redone = set()
+    for name in answers:
+        questions = f"data/{Path(name).stem}/questions.jsonl"
+        if name in curve_answers and fourth[questions][2] == third[questions][2]:
+            assert fourth[name] == third[name], name
+            continue
+        redone.add(name)
+        assert fourth[name] != third[name], name
+        assert len(fourth[name][2].splitlines()) == (2 if name in curve_answers else 5), name
+    assert len(redone) >= 14
+    assert json.loads((out / "summary.json").read_text())["questions_per_benchmark"] == 5
+
+
+def test_fig3_states_the_questions_per_point(tmp_path):
+    """Issue 21.8: Fig. 3's points are scored on --curve-questions, the table on --questions: the figure says so."""
+    from llava_sculpt.report import eval_curves_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    points = [{"step": s, "epoch": float(s), "scores": {"okvqa": 50.0, "iconqa": 10.0 * s},
+               "roles": {"okvqa": "source", "iconqa": "target"}, "num_questions": {"okvqa": 40, "iconqa": 40},
+               "source_mean": 50.0, "target": 10.0 * s, "seconds": 1.0} for s in (1, 2)]
+    (run / "eval_curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    fig, _ = eval_curves_figure({"LoRA": [run]}, title="Fig. 3", start={"source_mean": 60.0, "target": 0.0},
+                                start_questions=40, note="the table scores the saved runs on 120 questions per benchmark")
+    texts = [fig._suptitle.get_text()] + [t.get_text() for t in fig.texts]
+    texts += [ax.get_title() for ax in fig.axes] + [ax.get_xlabel() for ax in fig.axes] + [ax.get_ylabel() for ax in fig.axes]
+    heading = " ".join(texts)
+    assert "each point: 40 questions per benchmark" in heading and "120 questions per benchmark" in heading
+    # a start point on another number of questions than the runs' points: the range is stated
+    fig, _ = eval_curves_figure({"LoRA": [run]}, start={"source_mean": 60.0, "target": 0.0}, start_questions=30)
+    assert "each point: 30-40 questions per benchmark" in fig._suptitle.get_text()

@@ -4,7 +4,7 @@
         [--model-base BASE] [--eval-dir DIR (default MODEL/eval)] [--add-target] [--batch-size 8]
         [--max-questions N] [--max-new-tokens N] [--conv-mode M] [--num-gpus N (default: all visible)]
         [--dtype auto] [--image-aspect-ratio pad] [--compat official|paper]
-        [--method NAME] [--rank R] [--target iconqa|coco] [--overwrite | --adopt]
+        [--method NAME] [--rank R] [--target iconqa|coco] [--overwrite | --replace-stale | --adopt]
 
 BENCH is a spec file or a name in the spec folder (eval/okvqa.json -> "okvqa"); see llava_sculpt/eval/specs.py.
 Writes the run-dir layout `llava-sculpt table` reads:
@@ -17,10 +17,12 @@ Writes the run-dir layout `llava-sculpt table` reads:
     DIR/answers/{name}.jsonl.meta.json  what produced them (see `llava-sculpt generate --help`): a rerun
                               with another model or other generation settings stops with an error before
                               anything is generated or written; --overwrite discards that benchmark's
-                              answers and score and starts afresh
+                              answers and score and starts afresh; --replace-stale does so only for the
+                              benchmarks whose record differs and reuses the others (`llava-sculpt demo`)
     DIR/scores/{name}.json    `llava-sculpt score` JSON (+ "benchmark"); with --max-questions exactly the
                               questions asked (the first N) are scored ("num_asked", "subset": true), and
                               only a missing answer to one of them is reported, as a warning
+A rerun that finds every answer present and every file up to date writes nothing.
 
 Generation: with 0 or 1 GPU the model is loaded once in this process and serves every benchmark.  With N > 1
 GPUs each benchmark runs as N `llava-sculpt generate` processes, one per GPU (CUDA_VISIBLE_DEVICES), on
@@ -122,14 +124,35 @@ def claim_eval_dir(args, eval_dir: str, work) -> None:
                                             claim_answers_file, discard_answers, meta_differences, model_identity,
                                             read_meta)
 
+    def check(spec, questions, answers_file, meta) -> None:  # a UserError when they may not be resumed
+        check_answers_record(answers_file, meta, args.adopt, what=f"{spec.name}: answers file")
+        chunk_dir = chunk_dir_of(answers_file)
+        if os.path.isdir(chunk_dir):
+            for entry in sorted(os.listdir(chunk_dir)):
+                if entry.endswith(".jsonl"):
+                    check_answers_record(os.path.join(chunk_dir, entry), meta, args.adopt,
+                                         what=f"{spec.name}: chunk answers file")
+        outside = answers_outside(questions, answers_file)
+        if outside:
+            raise UserError(f"{spec.name}: answers file {answers_file} answers {outside} question(s) that are not "
+                            "among the questions of this run (another --max-questions?)")
+
+    def remove(name: str, answers_file: str) -> None:
+        discard_answers(answers_file)
+        shutil.rmtree(chunk_dir_of(answers_file), ignore_errors=True)
+        score_file = os.path.join(eval_dir, "scores", f"{name}.json")
+        if os.path.exists(score_file):
+            os.remove(score_file)
+
     identity = model_identity(args.model_path, args.model_base)
     answers_dir = os.path.join(eval_dir, "answers")
-    planned = []
-    for spec, _ in work:
+    planned, asked = [], {}
+    for spec, questions in work:
         answers_file = os.path.join(answers_dir, f"{spec.name}.jsonl")
         meta = answers_meta(identity, spec.question_file, spec.image_folder, args.conv_mode or spec.conv_mode,
                             args.image_aspect_ratio, args.dtype, max_new_tokens=args.max_new_tokens or spec.max_new_tokens)
         planned.append((spec, answers_file, meta))
+        asked[spec.name] = questions
     names = {spec.name for spec, _, _ in planned}
     others = []  # (benchmark, answers file) of earlier runs from another model
     if os.path.isdir(answers_dir):
@@ -140,15 +163,20 @@ def claim_eval_dir(args, eval_dir: str, work) -> None:
             differences = meta_differences(read_meta(answers_file) or {}, identity, MODEL_FIELDS)
             if differences:
                 others.append((entry[:-len(".jsonl" + META_SUFFIX)], answers_file, differences))
-    if not args.overwrite:
+    if getattr(args, "replace_stale", False) and not args.overwrite:
+        for name, answers_file, differences in others:
+            print(f"--replace-stale: removing {name}'s answers and score (another model: {'; '.join(differences)}) "
+                  f"from {eval_dir}", flush=True)
+            remove(name, answers_file)
         for spec, answers_file, meta in planned:
-            check_answers_record(answers_file, meta, args.adopt, what=f"{spec.name}: answers file")
-            chunk_dir = chunk_dir_of(answers_file)
-            if os.path.isdir(chunk_dir):
-                for entry in sorted(os.listdir(chunk_dir)):
-                    if entry.endswith(".jsonl"):
-                        check_answers_record(os.path.join(chunk_dir, entry), meta, args.adopt,
-                                             what=f"{spec.name}: chunk answers file")
+            try:
+                check(spec, asked[spec.name], answers_file, meta)
+            except UserError as err:
+                print(f"--replace-stale: {err} -> its answers and score are discarded and evaluated afresh", flush=True)
+                remove(spec.name, answers_file)
+    elif not args.overwrite:
+        for spec, answers_file, meta in planned:
+            check(spec, asked[spec.name], answers_file, meta)
         if others:
             name, answers_file, differences = others[0]
             raise UserError(f"eval dir {eval_dir} holds {len(others)} benchmark(s) answered by another model "
@@ -159,13 +187,18 @@ def claim_eval_dir(args, eval_dir: str, work) -> None:
         for name, answers_file, _ in others:
             print(f"--overwrite: removing {name}'s answers and score (another model) from {eval_dir}", flush=True)
         for name, answers_file in [(n, f) for n, f, _ in others] + [(s.name, f) for s, f, _ in planned]:
-            discard_answers(answers_file)
-            shutil.rmtree(chunk_dir_of(answers_file), ignore_errors=True)
-            score_file = os.path.join(eval_dir, "scores", f"{name}.json")
-            if os.path.exists(score_file):
-                os.remove(score_file)
+            remove(name, answers_file)
     for spec, answers_file, meta in planned:
         claim_answers_file(answers_file, meta, adopt=args.adopt, what=f"{spec.name}: answers file")
+
+
+def answers_outside(questions, answers_file: str) -> int:
+    """How many answers of `answers_file` answer none of `questions` (matched by id and occurrence, as
+    resuming does); reads only, a torn last line is ignored."""
+    from llava_sculpt.eval.generate import occurrence_keys, read_answered
+
+    wanted = set(occurrence_keys([q.key for q in questions]))
+    return sum(key not in wanted for key in occurrence_keys(read_answered(answers_file, repair=False)))
 
 
 def concatenate_chunks(chunk_files: Sequence[str], out_file: str) -> None:
@@ -281,9 +314,9 @@ class Generator:
 # -------------------------------------------------------------------------------------------- scoring
 def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, compat: str, partial: bool,
                     asked=None) -> dict:
-    """Score one benchmark's answers into `score_file`.  `asked`: the questions of a capped evaluation (its
-    first --max-questions questions): exactly these are scored, and only a missing answer to one of them is
-    reported (a warning with `partial`, else an error)."""
+    """Score one benchmark's answers into `score_file` (left untouched when it already holds this payload).
+    `asked`: the questions of a capped evaluation (its first --max-questions questions): exactly these are
+    scored, and only a missing answer to one of them is reported (a warning with `partial`, else an error)."""
     from llava_sculpt.eval.score import score_task
 
     options = dict(spec.score_options)
@@ -295,8 +328,21 @@ def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, com
     payload["benchmark"] = spec.name
     if spec.name != spec.task:  # `llava-sculpt table` expects scores/{task}.json to hold that task
         payload["scorer"], payload["task"] = spec.task, spec.name
-    write_json_atomic(score_file, payload)
+    write_json_if_changed(score_file, payload)
     return payload
+
+
+def write_json_if_changed(path: str, payload) -> bool:
+    """Write `payload` atomically unless `path` already holds it (a rerun that finds everything done writes
+    nothing); returns whether it wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == json.loads(json.dumps(payload)):
+                return False
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, payload)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -327,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="the benchmarks of this run start afresh (their "
                    "answers and scores are discarded), and other benchmarks' answers and scores from another model "
                    "are removed from the eval dir")
+    p.add_argument("--replace-stale", action="store_true", help="answers whose record names another model or "
+                   "other settings (or that answer questions outside this run's) are discarded with their scores and "
+                   "evaluated afresh; answers with a matching record are reused (the default stops on stale ones)")
     p.add_argument("--adopt", action="store_true", help="answers files without a record of what produced them "
                    "(older llava-sculpt): take them as this model's, record this run's settings, resume")
     p.add_argument("--no-progress", action="store_true")
@@ -360,8 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = benchmark_questions(specs, args.max_questions)  # validate every benchmark's data before any generation
     if args.overwrite and args.adopt:
         raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
+    if args.overwrite and args.replace_stale:
+        raise UserError("--overwrite discards every answer, --replace-stale only those of another model or "
+                        "settings: pass one of them.")
     claim_eval_dir(args, eval_dir, work)
-    write_json_atomic(os.path.join(eval_dir, "run_meta.json"), meta)
+    write_json_if_changed(os.path.join(eval_dir, "run_meta.json"), meta)
     started = time.monotonic()
 
     def log(text: str) -> None:  # one line per stage, with the seconds since the driver started
