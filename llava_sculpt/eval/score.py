@@ -427,7 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.asked is not None:
         from llava_sculpt.eval.generate import load_questions
 
-        asked = [(q.question_id, q.text) for q in load_questions(args.asked)[:args.max_questions]]
+        try:
+            questions = load_questions(args.asked)
+        except UserError as err:  # its messages name generate's flag
+            raise UserError(str(err).replace("--question-file", "--asked", 1)) from None
+        asked = [(q.question_id, q.text) for q in questions[:args.max_questions]]
     payload = score_task(args.task, args.annotation_file, args.result_file, args.question_file,
                          args.compat, args.allow_partial, args.cider_only, asked=asked,
                          asked_from=f"--asked {args.asked}")
