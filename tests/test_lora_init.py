@@ -215,3 +215,54 @@ def test_eva_with_too_few_tokens_per_batch(tiny_dir, tmp_path, capsys):
     assert run_train(tiny_dir, tmp_path / "forced", *args, "--eva_batch_size", "1", steps=1) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "no batch of batch size 1 holds the 32 tokens PEFT's SVD needs" in err
+
+
+# every (method, init) the method would mishandle: asymlora builds its own PEFT layers (no CorDA / EVA pass, no
+# conversion of the saves); sculpt's masks and orth's penalty are defined on factors of the original base
+REFUSED = ([("asymlora", init) for init in ("pissa", "olora", "corda", "eva")]
+           + [(method, init) for method in ("sculpt", "orth") for init in ("pissa", "olora", "corda")])
+
+
+@pytest.mark.parametrize("method,init", REFUSED)
+def test_methods_refuse_inits_they_would_mishandle(method, init):
+    from llava_sculpt.methods.lora_init import METHOD_INITS, validate
+
+    allowed = METHOD_INITS[method][0]
+    use = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+    with pytest.raises(UserError) as err:  # corda without --corda_data: the method's refusal comes first
+        validate(_args(init_lora_weights=init), method=method)
+    text = str(err.value)
+    assert text.startswith(f"--method {method} with --init_lora_weights {init}: ")
+    assert text.endswith(f"; use --init_lora_weights {use}")
+
+
+def test_methods_accept_the_inits_they_handle(tiny_dir):
+    from llava_sculpt.methods import METHODS
+    from llava_sculpt.methods.lora_init import INIT_CHOICES, validate
+
+    refused = set(REFUSED)
+    for method, cls in METHODS.items():
+        if not cls.uses_lora:
+            continue
+        for init in INIT_CHOICES:
+            if (method, init) in refused:
+                continue
+            extra = {"corda_data": str(tiny_dir / "data" / "train.json")} if init == "corda" else {}
+            validate(_args(init_lora_weights=init, **extra), method=method)
+    assert {m for m, _ in refused} == {"asymlora", "sculpt", "orth"}
+
+
+def test_asymlora_with_a_base_changing_init_stops_before_training(tiny_dir, tmp_path, capsys):
+    """Through the CLI: exit 2, the flag and what is allowed named, nothing written.  Before, pissa / olora
+    trained AsymLoRA on a residual base whose saves were not converted back (initial logits off the base's by
+    0.1-0.2 on the tiny model) and eva silently trained from the default init."""
+    from helpers import train_args
+    from llava_sculpt.cli import main
+
+    for init in ("pissa", "eva"):
+        out = tmp_path / init
+        assert main(["train", *train_args(tiny_dir, out, "--method", "asymlora", "--init_lora_weights", init)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"--method asymlora with --init_lora_weights {init}:" in err
+        assert "use --init_lora_weights default or gaussian" in err
+        assert not out.exists()

@@ -20,6 +20,11 @@ special.  PEFT's conversion keeps only lora_A / lora_B; the adapter's other tens
 `modules_to_save`; biases) are written back unchanged.  To resume, the checkpoint also holds the unconverted
 adapter (`adapter_unconverted.safetensors`), loaded into the model re-initialised the same way.
 
+Methods that build or read their LoRA factors in ways these inits do not fit accept only some of them
+(`METHOD_INITS`; refused before anything is loaded): sculpt and orth refuse pissa / olora / corda (their masks
+and penalty are defined on factors of the original base, not of a residual), asymlora accepts only default and
+gaussian (it builds its own PEFT layers: no CorDA / EVA pass runs for them and no save is converted back).
+
 corda and eva run forward passes over data (the LLaVA dataset and collator of training) before training, on
 the device training will use.  ZeRO-3 partitions the base weights at load time, so none of pissa / olora /
 corda / eva can decompose them there: refused.  Quantised bases (--bits 4/8), DoRA and --lora_weight_path are
@@ -41,6 +46,23 @@ DATA_INITS = ("corda", "eva")
 INITIAL_ADAPTER_DIR = "initial_lora_adapter"
 UNCONVERTED_ADAPTER_FILE = "adapter_unconverted.safetensors"
 INITIAL_ADAPTER_KEY = "lora_initial_adapter"  # RunContext.extras key
+
+
+# --method -> (the --init_lora_weights values it handles, why the others are refused).  Methods not listed handle
+# every init: plain LoRA training, then (dare / tailor / intruders) a transform of the saved, converted adapter.
+METHOD_INITS: dict[str, tuple[tuple[str, ...], str]] = {
+    "sculpt": (("default", "gaussian", "eva"),
+               "LoRASculpt's masks, sparsity report and sparse adapter are defined on factors of the original base, "
+               "but these factors train on a residual base"),
+    "orth": (("default", "gaussian", "eva"),
+             "the orthogonality penalty ||W0 (s B A)^T||_1 is defined against the pretrained W0 with B starting at "
+             "0, but this init trains on a residual base with factors that start at the top directions of W0"),
+    "asymlora": (("default", "gaussian"),
+                 "AsymLoRA builds its own PEFT layers (one shared A and E routed B factors in every MLP projection): "
+                 "no CorDA or EVA pass runs for them and no save is converted back to the original base, so "
+                 "pissa / olora / corda would train a different model than the one saved and eva would silently "
+                 "start from the default init"),
+}
 
 
 def init_name(training_args) -> str:
@@ -78,6 +100,7 @@ def validate(training_args, uses_lora: bool = True, method: str | None = None) -
         return
     if not uses_lora:
         raise UserError(f"--init_lora_weights {init}: this --method trains no LoRA adapter")
+    check_method_init(training_args, method)
     if init == "corda":
         if getattr(training_args, "corda_method", "kpm") not in ("kpm", "ipm"):
             raise UserError(f"--corda_method {training_args.corda_method}: expected kpm or ipm")
@@ -96,16 +119,21 @@ def validate(training_args, uses_lora: bool = True, method: str | None = None) -
                         "across processes when the model is loaded, so PEFT cannot decompose them or hook their "
                         "inputs; use a ZeRO-2 config (configs/zero2.json) or --init_lora_weights default")
     if init in MUTATING_INITS:
-        if method == "sculpt":
-            raise UserError(f"--method sculpt with --init_lora_weights {init}: LoRASculpt's masks, sparsity report and "
-                            "sparse adapter are defined on factors of the original base, but these factors train on "
-                            "a residual base; use --init_lora_weights default, gaussian or eva")
         if training_args.bits != 16:
             raise UserError(f"--init_lora_weights {init} with --bits {training_args.bits}: the residual of a "
                             "quantised base plus the converted adapter is not the trained model; use --bits 16")
         if training_args.lora_weight_path:
             raise UserError(f"--init_lora_weights {init} replaces the base weights by a residual; it cannot "
                             "continue from --lora_weight_path (an adapter of the original base)")
+
+
+def check_method_init(training_args, method: str | None) -> None:
+    """Refuse an --init_lora_weights that --method `method` would mishandle (METHOD_INITS)."""
+    init = init_name(training_args)
+    allowed, why = METHOD_INITS.get(method or "", (INIT_CHOICES, ""))
+    if init not in allowed:
+        use = ", ".join(allowed[:-1]) + f" or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+        raise UserError(f"--method {method} with --init_lora_weights {init}: {why}; use --init_lora_weights {use}")
 
 
 def config_kwargs(training_args) -> dict:
