@@ -235,6 +235,16 @@ def test_cli_run_logs_reloads_generates_and_refuses_merge(tiny_dir, tmp_path, ti
     args = json.loads((out / "run_args.json").read_text())
     assert args["method"] == "asymlora" and args["method_flags"] == {"asym_experts": 3, "asym_balance": 0.05}
 
+    # plain PEFT refuses the run (and its checkpoints) instead of dropping the MLP experts with a warning
+    from peft import PeftModel
+    from llava_sculpt.methods.asymlora import PLAIN_PEFT_MARKER
+    from llava_sculpt.model.load import load_base_model
+
+    for saved in (out, out / "checkpoint-2"):
+        assert json.loads((saved / "adapter_config.json").read_text())["task_type"] == PLAIN_PEFT_MARKER
+    with pytest.raises(ValueError, match="LLAVA_SCULPT_ASYMLORA"):
+        PeftModel.from_pretrained(load_base_model(str(tiny_dir / "model")), str(out))
+
     adapter = load_safetensors(out / "adapter_model.safetensors")
     assert sum(".lora_experts_B." in k for k in adapter) == 3 * N_LAYERS * E
     assert sum(".lora_router." in k for k in adapter) == 2 * N_LAYERS
@@ -312,3 +322,84 @@ def test_zero_equals_plain_run(stage, tiny_dir, tmp_path):
         for k in ref:
             assert got[k].shape == ref[k].shape, k
             assert torch.allclose(got[k].float(), ref[k].float(), atol=1e-5, rtol=1e-4), k
+
+
+def test_gaussian_init_applies_and_other_inits_are_refused_at_inject(tiny_dir):
+    """--init_lora_weights gaussian reaches every shared A (attention's too), every B stays 0 (the base's
+    logits); pissa / olora / corda / eva stop inject itself, not only train.py's flag check."""
+    from llava_sculpt.errors import UserError
+    from llava_sculpt.methods import RunContext
+    from llava_sculpt.methods.asymlora import AsymLoRAMethod
+
+    def context(init):
+        return RunContext(None, None, SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none",
+                                                      init_lora_weights=init))
+
+    for init in ("pissa", "olora", "corda", "eva"):
+        with pytest.raises(UserError, match=f"--method asymlora with --init_lora_weights {init}: .* default or gaussian"):
+            AsymLoRAMethod().inject(None, context(init))
+
+    from llava_sculpt.model.load import load_base_model
+
+    def injected(init):
+        model = load_base_model(str(tiny_dir / "model"))
+        torch.manual_seed(0)
+        return AsymLoRAMethod().inject(model, context(init)).double().eval()
+
+    default, gaussian = injected("default"), injected("gaussian")
+    a_default = dict(_mlp_layers(default, "gate_proj"))
+    for name, layer in _mlp_layers(gaussian, "gate_proj"):
+        a, bound = layer.lora_A["default"].weight, a_default[name].lora_A["default"].weight.abs().max()
+        assert (a.abs() > bound).any()  # Kaiming-uniform is bounded by `bound`, N(0, 1/r) is not
+        assert abs(float(a.detach().std()) - 1 / 4) < 0.05  # std 1/r
+        assert not any(b.any() for b in layer.lora_experts_B["default"])
+    base = load_base_model(str(tiny_dir / "model")).double().eval()
+    inputs = sample_inputs_double(tiny_dir)
+    with torch.no_grad():
+        assert torch.allclose(gaussian(**inputs).logits, base(**inputs).logits, atol=1e-12, rtol=0)
+
+
+def test_saved_adapter_refuses_plain_peft_and_reloads_with_llava_sculpt(tiny_dir, tmp_path):
+    """Plain PEFT used to load an AsymLoRA run with only a warning about the missing mlp.*.lora_B and drop the
+    MLP experts.  The saved config's task_type is now a marker PEFT rejects; llava-sculpt's loader (what
+    generate / eval use) rebuilds the saved model exactly, marker or not (runs saved before it)."""
+    from peft import PeftConfig, PeftModel
+
+    from llava_sculpt.errors import UserError
+    from llava_sculpt.methods.asymlora import PLAIN_PEFT_MARKER
+    from llava_sculpt.model import load
+    from llava_sculpt.model.load import load_base_model, load_for_inference
+
+    _, model = _injected(tiny_dir)
+    _perturb(model, which=("lora_", "multi_modal_projector"))  # every factor, router and the projector's copy
+    model.eval()
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["task_type"] == PLAIN_PEFT_MARKER and config["peft_type"] == "LORA"
+    assert model.peft_config["default"].task_type == "CAUSAL_LM"  # in memory: unchanged
+
+    with pytest.raises(ValueError, match="Invalid task type: 'LLAVA_SCULPT_ASYMLORA -- not a plain PEFT adapter"):
+        PeftConfig.from_pretrained(str(run))
+    with pytest.raises(ValueError, match="LLAVA_SCULPT_ASYMLORA"):
+        PeftModel.from_pretrained(load_base_model(str(tiny_dir / "model")), str(run))
+
+    inputs = sample_inputs_double(tiny_dir)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        loaded, _ = load_for_inference(str(run), str(tiny_dir / "model"), dtype=torch.float64)
+        assert torch.equal(loaded(**inputs).logits, ref)
+        base = load_base_model(str(tiny_dir / "model")).double().eval()
+        assert not torch.allclose(base(**inputs).logits, ref, atol=1e-4)
+        # saved before the marker: task_type CAUSAL_LM, recognised by its expert factors
+        old = tmp_path / "old"
+        shutil.copytree(run, old)
+        (old / "adapter_config.json").write_text(json.dumps({**config, "task_type": "CAUSAL_LM"}))
+        loaded_old, _ = load_for_inference(str(old), str(tiny_dir / "model"), dtype=torch.float64)
+        assert torch.equal(loaded_old(**inputs).logits, ref)
+
+    # model/load.py imports no method: with AsymLoRA's run format unregistered the marker still stops it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(load, "_RUN_FORMATS", {})
+        with pytest.raises(UserError, match="no llava-sculpt method registered its loader"):
+            load_for_inference(str(run), str(tiny_dir / "model"))

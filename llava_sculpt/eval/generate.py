@@ -549,6 +549,7 @@ def load_model(model_path: str, model_base: str | None, dtype_name: str = "auto"
     """(model, processor) on `device` (auto: cuda when available): base + projector + adapter, unmerged."""
     import torch
 
+    import llava_sculpt.methods  # noqa: F401  (the methods register their run formats, e.g. AsymLoRA's)
     from llava_sculpt.model.load import load_for_inference
 
     if not os.path.isdir(model_path):

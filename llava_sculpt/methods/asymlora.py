@@ -27,8 +27,18 @@ None for every other linear (q/k/v/o), which then gets PEFT's plain LoRA layer. 
 `lora_router` are adapter attributes of a PEFT tuner layer, so they are trainable, saved in
 `adapter_model.safetensors` (keys `...mlp.gate_proj.lora_experts_B.0`, `...gate_proj.lora_router.weight`)
 and restored by `PeftModel.from_pretrained` on a config with the same registration: `load_asymlora_adapter`,
-which `model.load.load_for_inference` calls for a run whose adapter holds expert factors.  The adapter_config
-is a plain LoRA config; PEFT alone (without that registration) cannot rebuild the mixture.
+which `model.load.load_for_inference` calls for a run whose adapter holds expert factors (this module registers
+that run format with model/load.py when imported).  PEFT alone (without that registration) cannot rebuild the
+mixture: it would load attention's LoRA and the projector, warn about the missing `mlp.*.lora_B` and silently
+drop the MLP experts.  So the saved adapter_config.json is a LoRA config whose task_type is `PLAIN_PEFT_MARKER`
+(`AsymLoraConfig.to_dict`) instead of CAUSAL_LM: PEFT refuses that value (`PeftConfig.from_pretrained` and
+`PeftModel.from_pretrained` raise "Invalid task type: 'LLAVA_SCULPT_ASYMLORA ...'"), while our loader reads it
+back as CAUSAL_LM.  Resuming is unaffected: the Trainer loads a checkpoint's weights into the adapter the run
+already built, without reading its config.  Runs saved before the marker (task_type CAUSAL_LM) still load here.
+
+Initialisation: --init_lora_weights default or gaussian only (methods/lora_init.py, METHOD_INITS): pissa /
+olora / corda change the base and need a conversion of every save, eva a pass over the data; none of these
+knows the expert layers.
 
 Gradient accumulation: the trainer calls `extra_loss` after each micro-batch's forward and adds it divided by
 the accumulation steps (train.py).  For this loss that is what we want: it is computed from the router
@@ -50,17 +60,20 @@ import json
 import os
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from llava_sculpt.errors import UserError
+from llava_sculpt.methods import lora_init
 from llava_sculpt.methods.base import FineTuningMethod, RunContext
 from llava_sculpt.methods.lora import PROJECTOR_MODULE, make_lora_config
+from llava_sculpt.model.load import ADAPTER_CONFIG, RUN_MARKER_PREFIX, RunFormat, register_run_format
 
 EXPERTS_KEY = "lora_experts_B"
 ROUTER_KEY = "lora_router"
@@ -69,6 +82,40 @@ _MLP_RE = re.compile(r"^(?P<mlp>(?:.*\.)?language_model\..*\.mlp)\.(?P<proj>gate
 NOT_MERGEABLE = ("an AsymLoRA adapter cannot be merged into the weights: its MLP update sum_e p_e(h) B_e A x "
                  "depends on each token's router probabilities p(h), so no single W = W0 + delta reproduces it; "
                  "use the run directory itself (--model-path RUN_DIR with generate / eval), which loads base + adapter")
+
+# adapter_config.json's task_type: not one of PEFT's task types, so plain PEFT refuses the config (the message
+# PEFT prints quotes it); `read_asymlora_config` maps it back to the CAUSAL_LM the adapter was trained with
+PLAIN_PEFT_MARKER = (f"{RUN_MARKER_PREFIX}ASYMLORA -- not a plain PEFT adapter: PEFT alone would drop its routed "
+                     "MLP experts; load it with llava_sculpt.model.load.load_for_inference (llava-sculpt generate / "
+                     "eval, which import llava_sculpt.methods)")
+TASK_TYPE = "CAUSAL_LM"
+
+
+class AsymLoraConfig(LoraConfig):
+    """The LoraConfig of an AsymLoRA adapter; saved with task_type PLAIN_PEFT_MARKER (see the module docstring).
+    In memory the task type stays CAUSAL_LM."""
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["task_type"] = PLAIN_PEFT_MARKER
+        return out
+
+
+def read_asymlora_config(run_dir: str) -> AsymLoraConfig:
+    """run_dir's adapter_config.json as an AsymLoraConfig (the marker, or an older run's CAUSAL_LM, as CAUSAL_LM;
+    keys this PEFT version does not know are left out, as PEFT does for configs of newer versions)."""
+    path = os.path.join(run_dir, ADAPTER_CONFIG)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read the adapter config ({err})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if saved.get("task_type") not in (PLAIN_PEFT_MARKER, TASK_TYPE):
+        raise UserError(f"{path}: task_type {saved.get('task_type')!r} is not an AsymLoRA adapter's")
+    known = {f.name for f in fields(AsymLoraConfig) if f.init}
+    return AsymLoraConfig(**{k: v for k, v in saved.items() if k in known and k != "task_type"}, task_type=TASK_TYPE)
 
 
 @dataclass
@@ -271,10 +318,26 @@ def load_asymlora_adapter(model, run_dir: str, is_trainable: bool = False):
     if recorded is not None and int(recorded) != num_experts:
         raise UserError(f"{run_dir}: run_args.json records --asym_experts {recorded} but the adapter holds "
                         f"{num_experts} expert factors per layer")
-    config = register_asymlora(LoraConfig.from_pretrained(run_dir), num_experts)
+    config = register_asymlora(read_asymlora_config(run_dir), num_experts)
     peft_model = PeftModel.from_pretrained(model, run_dir, config=config, is_trainable=is_trainable)
     _check_injected(peft_model)
     return peft_model
+
+
+def is_asymlora_run(run_dir: str) -> bool:
+    """The adapter in run_dir is AsymLoRA's: marked so in adapter_config.json, or (runs saved before the marker)
+    holding expert factors."""
+    try:
+        with open(os.path.join(run_dir, ADAPTER_CONFIG)) as f:
+            if json.load(f).get("task_type") == PLAIN_PEFT_MARKER:
+                return True
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return saved_experts(run_dir) is not None
+
+
+RUN_FORMAT = register_run_format(RunFormat("asymlora", detect=is_asymlora_run, load=load_asymlora_adapter,
+                                           not_mergeable=NOT_MERGEABLE))
 
 
 def balance_loss(probs: list[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -309,10 +372,12 @@ class AsymLoRAMethod(FineTuningMethod):
     def inject(self, model, run: RunContext):
         from peft import get_peft_model
 
+        lora_init.check_method_init(run.training_args, self.name)  # default / gaussian only (train.py checks first)
         overrides = {}
         if not getattr(run.training_args, "freeze_mm_mlp_adapter", False):
             overrides["modules_to_save"] = [PROJECTOR_MODULE]
-        config = register_asymlora(make_lora_config(run.training_args, model, **overrides), self.flags.asym_experts)
+        config = register_asymlora(make_lora_config(run.training_args, model, config_class=AsymLoraConfig,
+                                                    **overrides), self.flags.asym_experts)
         peft_model = get_peft_model(model, config)
         _check_injected(peft_model)
         self._states = router_states(peft_model)

@@ -34,7 +34,8 @@ def lora_target_regex(model, include_projector: bool = False) -> str:
     return pattern
 
 
-def make_lora_config(training_args, model, include_projector: bool = False, **overrides):
+def make_lora_config(training_args, model, include_projector: bool = False, config_class=None, **overrides):
+    """The LoraConfig of LLaVA's LoRA flags; `config_class`: a LoraConfig subclass to build instead."""
     from peft import LoraConfig
 
     from llava_sculpt.methods import lora_init
@@ -44,7 +45,7 @@ def make_lora_config(training_args, model, include_projector: bool = False, **ov
                   target_modules=lora_target_regex(model, include_projector), task_type="CAUSAL_LM",
                   **lora_init.config_kwargs(training_args))  # --init_lora_weights (methods/lora_init.py)
     kwargs.update(overrides)
-    return LoraConfig(**kwargs)
+    return (config_class or LoraConfig)(**kwargs)
 
 
 def inject_lora(model, run: RunContext, include_projector: bool = False, **overrides):

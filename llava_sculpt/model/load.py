@@ -15,11 +15,22 @@ tensors; their runs hold, instead of the adapter files,
     partial_model.safetensors   the trained tensors only, keys as in the model's state_dict
     partial_model.json          {"base_model_name_or_path": absolute path, "method", "tensors": [keys]}
 and load as the base checkpoint with those tensors replaced (`load_partial_model`).
+
+A method whose adapter plain PEFT cannot rebuild (AsymLoRA's routed MLP experts) registers its run format
+here (`register_run_format`: how to recognise such a run, how to load its adapter, whether it can be merged);
+`load_for_inference` consults these formats and falls back to `PeftModel.from_pretrained`.  This package never
+imports `llava_sculpt.methods` (which imports it): the methods register themselves when imported, and the
+entry points that load runs (generate / eval / merge / transform) import `llava_sculpt.methods` first.  Such
+a method also marks its adapter_config.json (task_type `LLAVA_SCULPT_...`, which PEFT rejects), so plain
+PEFT fails loudly instead of loading part of the model, and so does `load_for_inference` when the format is
+not registered.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +41,51 @@ ADAPTER_CONFIG = "adapter_config.json"
 PARTIAL_WEIGHTS = "partial_model.safetensors"
 PARTIAL_CONFIG = "partial_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# adapter_config.json's task_type starts with this in runs whose adapter only a registered RunFormat loads
+RUN_MARKER_PREFIX = "LLAVA_SCULPT_"
+
+
+@dataclass(frozen=True)
+class RunFormat:
+    """How the runs of one method load: `detect(run_dir)` recognises them, `load(model, run_dir)` puts the
+    adapter on the base model (trained projector already in) and returns the model; `not_mergeable`, when
+    set, is why `llava-sculpt merge` refuses them."""
+    name: str
+    detect: Callable[[str], bool]
+    load: Callable[[Any, str], Any]
+    not_mergeable: str | None = None
+
+
+_RUN_FORMATS: dict[str, RunFormat] = {}
+
+
+def register_run_format(run_format: RunFormat) -> RunFormat:
+    """Called by a method's module when it is imported (the latest registration of a name wins)."""
+    _RUN_FORMATS[run_format.name] = run_format
+    return run_format
+
+
+def adapter_marker(run_dir: str) -> str | None:
+    """The llava-sculpt marker in run_dir's adapter_config.json (task_type `LLAVA_SCULPT_...`), else None."""
+    try:
+        with open(os.path.join(run_dir, ADAPTER_CONFIG)) as f:
+            task_type = json.load(f).get("task_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return task_type if isinstance(task_type, str) and task_type.startswith(RUN_MARKER_PREFIX) else None
+
+
+def run_format(run_dir: str) -> RunFormat | None:
+    """The registered format of the adapter in `run_dir`; None for a plain PEFT adapter."""
+    for candidate in _RUN_FORMATS.values():
+        if candidate.detect(run_dir):
+            return candidate
+    marker = adapter_marker(run_dir)
+    if marker is not None:
+        raise UserError(f"{run_dir}: its {ADAPTER_CONFIG} marks an adapter that plain PEFT cannot load "
+                        f"({marker.split()[0]}), and no llava-sculpt method registered its loader in this process: "
+                        "import llava_sculpt.methods before llava_sculpt.model.load.load_for_inference")
+    return None
 
 
 def find_projector(model) -> torch.nn.Module:
@@ -204,8 +260,9 @@ def load_partial_model(model, run_dir: str) -> None:
 def load_for_inference(model_path: str, model_base: str | None = None, dtype: torch.dtype = torch.float32,
                        attn_implementation: str = "sdpa"):
     """(model, processor) for generation.  `model_path` is a run/checkpoint directory with a PEFT adapter
-    (base from `model_base`, else the adapter's recorded base), a run without LoRA (partial_model.json: the
-    base with the trained tensors replaced), or a plain/merged HF checkpoint."""
+    (base from `model_base`, else the adapter's recorded base; a registered `RunFormat` loads the adapters
+    plain PEFT cannot), a run without LoRA (partial_model.json: the base with the trained tensors replaced), or
+    a plain/merged HF checkpoint."""
     from peft import PeftModel
 
     if os.path.isfile(os.path.join(model_path, PARTIAL_CONFIG)):
@@ -222,6 +279,7 @@ def load_for_inference(model_path: str, model_base: str | None = None, dtype: to
     if not is_adapter:
         model = load_base_model(model_path, dtype, attn_implementation, flag="--model-path")
         return model.eval(), load_processor(model_path)
+    fmt = run_format(model_path)  # before the base is loaded: an unregistered format fails fast
     if model_base is None:
         with open(os.path.join(model_path, ADAPTER_CONFIG)) as f:
             model_base = json.load(f).get("base_model_name_or_path")
@@ -231,10 +289,8 @@ def load_for_inference(model_path: str, model_base: str | None = None, dtype: to
     model = load_base_model(model_base, dtype, attn_implementation, flag="--model-base")
     if not adapter_saves_projector(model_path):  # runs written before the projector travelled in the adapter
         load_projector(model, model_path)
-    from llava_sculpt.methods.asymlora import load_asymlora_adapter, saved_experts
-
-    if saved_experts(model_path):  # AsymLoRA: its MLP layers are PEFT custom modules, registered before loading
-        model = load_asymlora_adapter(model, model_path)
+    if fmt is not None:  # e.g. AsymLoRA: its MLP layers are PEFT custom modules, registered before loading
+        model = fmt.load(model, model_path)
     else:
         model = PeftModel.from_pretrained(model, model_path)
     processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
