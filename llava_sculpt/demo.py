@@ -407,7 +407,12 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
             for seed in s.seeds:
                 run = out / "runs" / (f"{method}_r{rank}_seed{seed}" if rank is not None else f"{method}_seed{seed}")
                 t0 = time.monotonic()
-                with _quiet(out / "logs" / f"{run.name}.log"):
+                from llava_sculpt import progress
+
+                # the run's output goes to its log; its progress lines (one a minute) to the terminal
+                with progress.lines_to(sys.stdout, lambda: f"[{time.monotonic() - started:5.0f}s] "
+                                       f"{run_label(method, rank)}, seed {seed}, training "), \
+                        _quiet(out / "logs" / f"{run.name}.log"):
                     if cli(["train", *train_flags(s, method, rank or 8, seed, model, data_root, run)]) != 0:
                         raise UserError(f"training {run} failed (log: {out / 'logs' / (run.name + '.log')})")
                 # DARE, Model Tailor and intruders write the transformed model to RUN/merged
@@ -583,5 +588,9 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         skip = {"--method", "--model_name_or_path", "--data_path", "--image_folder", "--output_dir", "--lora_r",
                 "--lora_alpha", "--seed", "--init_lora_weights"}  # finetune.sh maps METHOD=lora-INIT itself
         kept = [x for i in range(0, len(flags), 2) if flags[i] not in skip for x in flags[i:i + 2]]
+        # unlike the demo's short runs, a script's run saves at each epoch end, so Ctrl-C loses at most one epoch
+        # and the rerun resumes from checkpoint-N (train.py's resolve_resume, LLaVA's behaviour)
+        kept[kept.index("--save_strategy") + 1] = "epoch"
+        kept += ["--save_total_limit", "1"]
         print("TINY_TRAIN_FLAGS=(" + " ".join(shlex.quote(x) for x in kept) + ")")
     return 0

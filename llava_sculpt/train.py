@@ -145,6 +145,9 @@ class TrainingArguments(transformers.TrainingArguments):
                             "step 0 with --eval_on_start True. Generation batch size: --per_device_eval_batch_size"})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "--eval_benchmarks: generation length "
                                             "(default: each spec's max_new_tokens)"})
+    progress_every: float = field(default=-1, metadata={"help": "a progress line (step, elapsed, time left) at "
+                                  "most every this many seconds; 0 = none; default -1 = 60 s when the progress "
+                                  "bar is off (--disable_tqdm True), none when it is shown"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -656,6 +659,7 @@ HOUSEKEEPING_ARGS = frozenset({
     "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval",
     "do_predict", "torch_empty_cache_steps",
     "eval_benchmarks", "eval_data_root", "eval_max_questions", "eval_every", "eval_max_new_tokens",
+    "progress_every",
 })
 
 
@@ -850,6 +854,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  method=method, run=run)
     run.trainer = trainer
     trainer.add_callback(MethodCallback(method, run))
+    progress_every = training_args.progress_every
+    if progress_every < 0:
+        progress_every = 60.0 if training_args.disable_tqdm else 0.0
+    if progress_every > 0:
+        from llava_sculpt.progress import ProgressLines
+
+        trainer.add_callback(ProgressLines(progress_every))
     if eval_plan is not None:  # after the method's callback: a step's masks are applied before it is scored
         trainer.add_callback(during_training.make_callback(eval_plan, processor, training_args.output_dir, resume))
     trainer.train(resume_from_checkpoint=resume)
