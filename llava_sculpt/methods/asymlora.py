@@ -305,7 +305,7 @@ def saved_experts(run_dir: str) -> int | None:
 
 def load_asymlora_adapter(model, run_dir: str, is_trainable: bool = False):
     """PeftModel.from_pretrained with the AsymLoRA layers registered: base + adapter + router restored."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     num_experts = saved_experts(run_dir)
     if num_experts is None:
