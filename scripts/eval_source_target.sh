@@ -23,7 +23,7 @@
 #   BATCH_SIZE     questions per generate() call (default 8)
 #   OVERWRITE=1    discard answers/scores in EVAL_DIR written by another model or other settings
 #   ADOPT=1        adopt answer files from before answers recorded what produced them
-#   MAX_QUESTIONS  first N questions per benchmark, for smoke runs (scored as partial)
+#   MAX_QUESTIONS  first N questions per benchmark, for smoke runs (exactly those N are scored)
 #   MAX_NEW_TOKENS override the specs' max_new_tokens (128)
 #   CONV_MODE      override the specs' conversation template (vicuna_v1)
 #   NUM_GPUS       chunk processes (default: all visible GPUs; CPU: one process)
