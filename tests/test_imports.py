@@ -1,6 +1,7 @@
 """Import layering: `llava_sculpt.model` sits below `llava_sculpt.methods` and never imports it (methods register
-their run formats with model/load.py instead), so there is no import circle, and every module imports first
-in a fresh interpreter, and in any order."""
+their run formats with model/load.py instead), nor `llava_sculpt.training`; `llava_sculpt.training` never imports
+the entry point `llava_sculpt.train`, which stays thin.  So there is no import circle, and every module imports
+first in a fresh interpreter, and in any order."""
 from __future__ import annotations
 
 import ast
@@ -49,18 +50,39 @@ def _modules() -> list[str]:
     return names
 
 
-def test_model_never_imports_methods():
+def _imports_of(folder: str, forbidden: tuple[str, ...]) -> tuple[int, list[str]]:
+    """(number of files, 'path:line: name' of each import of a forbidden package) over llava_sculpt/FOLDER."""
     offending = []
-    files = sorted((PACKAGE / "model").rglob("*.py"))
-    assert len(files) >= 4
+    files = sorted((PACKAGE / folder).rglob("*.py"))
     for path in files:
         module = ".".join(path.relative_to(REPO).with_suffix("").parts)
         if module.endswith(".__init__"):
             module = module[: -len(".__init__")] + ".__init__"
         for line, name in _imported_names(ast.parse(path.read_text(), str(path)), module):
-            if name == "llava_sculpt.methods" or name.startswith("llava_sculpt.methods."):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
                 offending.append(f"{path.relative_to(REPO)}:{line}: {name}")
+    return len(files), offending
+
+
+def test_model_never_imports_methods():
+    count, offending = _imports_of("model", ("llava_sculpt.methods", "llava_sculpt.training"))
+    assert count >= 4
     assert offending == []
+
+
+def test_training_never_imports_the_entry_point():
+    count, offending = _imports_of("training", ("llava_sculpt.train",))
+    assert count >= 5
+    assert offending == []
+
+
+def test_train_entry_point_stays_thin():
+    """llava_sculpt/train.py holds `main` and re-exports; the parts live in llava_sculpt/training/."""
+    path = PACKAGE / "train.py"
+    lines = path.read_text().splitlines()
+    assert len(lines) < 150
+    tree = ast.parse("\n".join(lines), str(path))
+    assert [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))] == ["main"]
 
 
 def test_the_checker_sees_imports_inside_functions():
