@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llava-sculpt: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    from llava_sculpt import quiet
+
+    quiet.install()  # before the import: some subcommands' modules load peft -> bitsandbytes, which logs at import
     module = importlib.import_module(module_name)
     return run_cli(getattr(module, function or "main"), rest)
 

@@ -16,6 +16,11 @@ from typing import Sequence
 
 import llava_sculpt  # noqa: F401  (before torch: as a script, this is where OMP_WAIT_POLICY is set; see __init__)
 
+if __name__ == "__main__":  # the imports below load peft -> bitsandbytes, which logs at import: filter first
+    from llava_sculpt import quiet
+
+    quiet.install()
+
 from llava_sculpt.data.conversation import get_template
 from llava_sculpt.data.dataset import LlavaCollator, LlavaSupervisedDataset
 from llava_sculpt.errors import UserError, run_cli

@@ -27,6 +27,12 @@ import sys
 from typing import Sequence
 
 from llava_sculpt.errors import run_cli
+
+if __name__ == "__main__":  # the imports below load peft -> bitsandbytes, which logs at import: filter first
+    from llava_sculpt import quiet
+
+    quiet.install()
+
 from llava_sculpt.methods.dare import DAREFlags, apply_dare
 from llava_sculpt.methods.intruders import IntrudersFlags, apply_intruders
 from llava_sculpt.methods.tailor import CalibrationData, TailorFlags, apply_tailor

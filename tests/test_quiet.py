@@ -217,7 +217,8 @@ def test_eval_driver_prints_a_line_per_benchmark_stage(tiny_dir, tmp_path, capsy
     expected = [stamp + "loading .*model$"]
     for name in ("gqa", "iconqa"):
         expected += [stamp + f"{name}: generating 2 answer\\(s\\)$", stamp + f"{name}: scoring$",
-                     stamp + f"{name}: exact_match = \\d+\\.\\d\\d \\(n=2\\), done in \\d+\\.\\ds$"]
+                     stamp + f"{name}: exact_match = \\d+\\.\\d\\d \\(n=2 of the first 2 questions\\), done in "
+                     "\\d+\\.\\ds$"]
     assert len(lines) == len(expected) + 1 and lines[-1].startswith("wrote "), lines
     for line, pattern in zip(lines, expected):
         assert re.match(pattern, line), (line, pattern)
