@@ -266,3 +266,15 @@ def test_asymlora_with_a_base_changing_init_stops_before_training(tiny_dir, tmp_
         assert f"--method asymlora with --init_lora_weights {init}:" in err
         assert "use --init_lora_weights default or gaussian" in err
         assert not out.exists()
+
+
+def test_corda_data_help_says_which_data_each_mode_takes(capsys):
+    """--corda_method ipm previews the DOWNSTREAM task: its --corda_data is downstream data, not source data."""
+    from llava_sculpt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    corda_data = text.split("--corda_data CORDA_DATA, --corda-data CORDA_DATA")[1].split("--corda_image_folder")[0]
+    assert "SOURCE-task samples" in corda_data and "for --corda_method kpm" in corda_data
+    assert "DOWNSTREAM-task samples" in corda_data and "for ipm" in corda_data

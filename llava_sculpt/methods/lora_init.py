@@ -6,7 +6,8 @@
     olora     A, B = a QR decomposition of W; the base becomes the residual                     (OLoRA)
     corda     A, B from the SVD of W C (C: the input covariance of each layer on --corda_data samples);
               the base becomes the residual.  --corda_method kpm (knowledge-preserving: the adapter takes the
-              directions LEAST used by the source data) or ipm (instruction-previewed: the most used)   (CorDA)
+              directions LEAST used by the source data) or ipm (instruction-previewed: the directions the
+              downstream data uses most)   (CorDA)
     eva       A = the top right-singular vectors of each layer's inputs on the training data, B = 0; ranks may
               be redistributed across layers (PEFT's EvaConfig defaults)                              (EVA)
               PEFT's per-batch SVD needs round(2 r) label tokens in a batch and loops forever when no batch
@@ -105,9 +106,10 @@ def validate(training_args, uses_lora: bool = True, method: str | None = None) -
         if getattr(training_args, "corda_method", "kpm") not in ("kpm", "ipm"):
             raise UserError(f"--corda_method {training_args.corda_method}: expected kpm or ipm")
         if not training_args.corda_data:
-            raise UserError("--init_lora_weights corda needs --corda_data: a LLaVA training JSON of SOURCE-task "
-                            "samples whose layer-input covariances orient the adapter (kpm: away from what they "
-                            "use; ipm: along it)")
+            raise UserError("--init_lora_weights corda needs --corda_data: a LLaVA training JSON whose "
+                            "layer-input covariances orient the adapter (--corda_method kpm: SOURCE-task samples, "
+                            "the adapter avoids what they use; ipm: DOWNSTREAM-task samples, the adapter starts "
+                            "along what they use)")
         if not os.path.isfile(training_args.corda_data):
             raise UserError(f"--corda_data {training_args.corda_data}: no such file")
         if training_args.corda_samples < 1:

@@ -100,11 +100,15 @@ class TrainingArguments(transformers.TrainingArguments):
                                    "See llava_sculpt/methods/lora_init.py",
                                    "choices": ["default", "gaussian", "pissa", "olora", "corda", "eva"]})
     corda_data: str | None = field(default=None, metadata={"help": "--init_lora_weights corda: LLaVA training JSON "
-                                   "of SOURCE-task samples whose layer-input covariances CorDA uses (required then)"})
+                                   "whose layer-input covariances CorDA uses (required then): SOURCE-task samples "
+                                   "(knowledge to keep) for --corda_method kpm, DOWNSTREAM-task samples (the "
+                                   "task to preview) for ipm"})
     corda_image_folder: str | None = field(default=None, metadata={"help": "folder the --corda_data 'image' paths "
                                            "are relative to (default: --image_folder)"})
     corda_method: str = field(default="kpm", metadata={"help": "CorDA mode: kpm (knowledge-preserving: the adapter "
-                              "takes the directions the source data uses least) or ipm (instruction-previewed)",
+                              "takes the directions the source data uses least) or ipm (instruction-previewed: "
+                              "the directions the downstream data uses most; --corda_data then holds "
+                              "downstream samples)",
                               "choices": ["kpm", "ipm"]})
     corda_samples: int = field(default=256, metadata={"help": "how many --corda_data samples (the first ones) "
                                "the covariances are collected over"})
