@@ -4,11 +4,13 @@ user did) against libgomp's default spin-waiting, on a real training run.
     python benchmarks/bench_omp_wait.py [--steps 20] [--reps 2] [--json PATH]
 
 Each variant is a fresh process (libgomp reads the policy once, when torch loads it) that runs `llava-sculpt
-train` (LoRA, the embedded tiny LLaVA-1.5-shaped model, batch 2, all cores) for --steps steps; the two variants
-alternate --reps times (median of the training time, imports excluded).  On an IDLE machine the targets are:
-PASSIVE / default wall time <= 1.10x, and the same training loss bit for bit (the policy only decides how idle
-threads wait).  On a machine where another job uses a core, PASSIVE is the one that does not collapse (measured
-in issue 21: 38 s and 93 s by default, 10 s and 10 s with PASSIVE): run this benchmark idle to check the cost.
+train` (LoRA, the embedded tiny LLaVA-1.5-shaped model, batch 2, all cores) for --steps steps; the variants
+alternate --reps times (median of the training time, imports excluded).  Both policies run twice: on the machine
+as it is ("idle": run the benchmark on an otherwise idle machine) and "loaded", while this benchmark keeps one
+core busy with a spinning process (another job on the machine).  Targets: the same training losses bit for bit
+in every variant (the policy only decides how idle threads wait); PASSIVE / default <= 1.10x idle (the issue's
+"changes nothing on an idle machine"); PASSIVE / default <= 1.0x loaded (the reason for the setting; the issue
+measured 38 s and 93 s by default, 10 s and 10 s with PASSIVE, on a machine shared with a heavier job).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ sys.path.insert(0, HERE)
 from bench_common import ROOT, check, finish, median  # noqa: E402
 
 VARIANTS = ("default", "passive")
+LOADS = ("idle", "loaded")
 
 
 def child(variant: str, tiny: str, out: str, steps: int) -> None:
@@ -66,33 +69,45 @@ def run_variant(variant: str, tiny: str, out: str, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(steps: int = 20, reps: int = 2) -> dict:
+def run(steps: int = 20, reps: int = 2, loads: tuple[str, ...] = LOADS) -> dict:
     from llava_sculpt.model.tiny import build_tiny
 
+    runs = {(load, v): [] for load in loads for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = str(build_tiny(os.path.join(tmp, "tiny"), seed=0))
-        runs = {v: [] for v in VARIANTS}
-        for rep in range(reps):
-            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
-            for variant in order:
-                runs[variant].append(run_variant(variant, tiny, os.path.join(tmp, f"{variant}_{rep}"), steps))
-    seconds = {v: median([r["seconds"] for r in runs[v]]) for v in VARIANTS}
-    policies = {v: sorted({r["policy"] for r in runs[v]}) for v in VARIANTS}
-    same_loss = all(r["losses"] == runs["default"][0]["losses"] for v in VARIANTS for r in runs[v])
-    ratio = seconds["passive"] / seconds["default"]
-    return {"steps": steps, "reps": reps, "seconds": seconds, "ratio": ratio, "same_loss": same_loss,
-            "policies": policies, "losses": runs["default"][0]["losses"], "threads": os.cpu_count(),
-            "checks": [check("OMP PASSIVE / default train time (idle machine)", ratio, "<=", 1.10, "x",
-                             note=f"{steps} steps, median of {reps}"),
-                       check("OMP PASSIVE: same losses as default", float(same_loss), ">=", 1.0, "",
-                             note="1 = identical")]}
+        for load in loads:
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "loaded" else None
+            try:
+                for rep in range(reps):
+                    for variant in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):
+                        out = os.path.join(tmp, f"{load}_{variant}_{rep}")
+                        runs[load, variant].append(run_variant(variant, tiny, out, steps))
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    seconds = {load: {v: median([r["seconds"] for r in runs[load, v]]) for v in VARIANTS} for load in loads}
+    policies = {v: sorted({r["policy"] for load in loads for r in runs[load, v]}) for v in VARIANTS}
+    first = runs[loads[0], "default"][0]["losses"]
+    same_loss = all(r["losses"] == first for key in runs for r in runs[key])
+    ratios = {load: seconds[load]["passive"] / seconds[load]["default"] for load in loads}
+    checks = [check("OMP PASSIVE: same losses as default", float(same_loss), ">=", 1.0, "", note="1 = identical")]
+    if "idle" in ratios:
+        checks.append(check("OMP PASSIVE / default train time, idle", ratios["idle"], "<=", 1.10, "x",
+                            note=f"{steps} steps, median of {reps}; run on an idle machine"))
+    if "loaded" in ratios:
+        checks.append(check("OMP PASSIVE / default train time, 1 core busy", ratios["loaded"], "<=", 1.0, "x",
+                            note=f"{steps} steps, median of {reps}"))
+    return {"steps": steps, "reps": reps, "seconds": seconds, "ratios": ratios, "same_loss": same_loss,
+            "policies": policies, "losses": first, "threads": os.cpu_count(), "checks": checks}
 
 
 def print_result(res: dict) -> None:
     print(f"{res['steps']} LoRA steps of the embedded tiny model, {res['threads']} CPUs, median of {res['reps']}:")
-    for v in VARIANTS:
-        print(f"  {v:<8} {res['seconds'][v]:7.2f} s")
-    print(f"  PASSIVE / default: {res['ratio']:.2f}x; identical losses: {res['same_loss']}")
+    for load, seconds in res["seconds"].items():
+        print(f"  {load:<7} default {seconds['default']:6.2f} s   passive {seconds['passive']:6.2f} s   "
+              f"PASSIVE / default {res['ratios'][load]:.2f}x")
+    print(f"  identical losses in every variant: {res['same_loss']}")
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@
     step      bench_sculpt_step.py  LoRASculpt / LoRA step time, 2 Llama-7B-wide layers, 1024 and 256 tokens
     generate  bench_generate.py     samples/s at batch 8 vs 1, identical answers
     adapter   bench_adapter_size.py sparse export / dense adapter at ratio 0.1 and 0.05
-    omp       bench_omp_wait.py     OMP_WAIT_POLICY=PASSIVE / libgomp's default: training time, same losses
+    omp       bench_omp_wait.py     OMP_WAIT_POLICY=PASSIVE / libgomp's default: training time idle and with a core
+                                    busy, same losses
 
 Each benchmark runs in its own process and measures its compared variants side by side (alternating, median).
 The summary goes to stdout and, as JSON, to --out (playground/ is git-ignored).  About 6-8 minutes on 2 CPU
