@@ -77,3 +77,22 @@ def one_line(text: str) -> str:
     UserError at 100 columns (llava_sculpt/errors.py), so where a line breaks, and so whether a phrase is
     split over two lines, depends on the length of the paths in the message (the temp folder's, say)."""
     return " ".join(text.split())
+
+
+def train_capturing_model(tiny_dir, out, *args, steps):
+    """`run_train` in-process; returns (in eval mode) the model the trainer held when the run was finalised."""
+    import pytest
+
+    import llava_sculpt.train as train
+
+    captured = {}
+    original = train.finalise
+
+    def finalise(trainer, run, method, output_dir):
+        captured["model"] = trainer.model
+        return original(trainer, run, method, output_dir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "finalise", finalise)
+        assert run_train(tiny_dir, out, *args, steps=steps) == 0
+    return captured["model"].eval()

@@ -11,25 +11,8 @@ import os
 import pytest
 import torch
 
-from helpers import load_safetensors, run_train
+from helpers import load_safetensors, train_capturing_model
 from test_train import sample_inputs
-
-
-def _train_capturing(tiny_dir, out, *args, steps):
-    """The CLI in-process; the model the trainer held when the run was finalised."""
-    import llava_sculpt.train as train
-
-    captured = {}
-    original = train.finalise
-
-    def finalise(trainer, run, method, output_dir):
-        captured["model"] = trainer.model
-        return original(trainer, run, method, output_dir)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "finalise", finalise)
-        assert run_train(tiny_dir, out, *args, steps=steps) == 0
-    return captured["model"].eval()
 
 
 def _by_hand(tiny_dir, run_dir):
@@ -56,7 +39,7 @@ def test_merge_puts_trained_tensors_on_the_base(method, tiny_dir, tmp_path, tiny
     from llava_sculpt.cli import main
 
     run = tmp_path / "run"
-    trained = _train_capturing(tiny_dir, run, *method, "--save_strategy", "steps", "--save_steps", "1", steps=2)
+    trained = train_capturing_model(tiny_dir, run, *method, "--save_strategy", "steps", "--save_steps", "1", steps=2)
     assert (run / "partial_model.json").is_file() and not (run / "adapter_config.json").exists()
 
     merged = tmp_path / "merged"

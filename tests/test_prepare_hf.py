@@ -513,6 +513,18 @@ def test_ocrvqa_schema_matches_raw_converter(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the hub path
 def test_hub_names_go_through_load_dataset_with_configs_and_split_names(tmp_path, monkeypatch):
+    data, calls = _gqa_hub(tmp_path, monkeypatch, known="lmms-lab/GQA")
+    _run("gqa", tmp_path / "out", "--hf-dataset", "lmms-lab/GQA")
+    assert calls == [("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"),
+                     ("lmms-lab/GQA", "testdev_balanced_images", "testdev")]
+    assert [q["question_id"] for q in _lines(tmp_path / "out" / "questions.jsonl")] == list(data)
+    assert _json(tmp_path / "out" / "manifest.json")["hf_dataset"] == "lmms-lab/GQA"
+
+
+def _gqa_hub(tmp_path: Path, monkeypatch, known: str) -> tuple[dict, list]:
+    """datasets.load_dataset that knows the GQA fixture under the hub name `known` only (as a local Hugging
+    Face cache made under that name does, offline); returns the fixture's questions and the calls made
+    (name, configuration, split)."""
     raw = _raw("gqa", tmp_path, n=3)
     data = _json(raw / "testdev_balanced_questions.json")
     local = tmp_path / "local"
@@ -526,39 +538,10 @@ def test_hub_names_go_through_load_dataset_with_configs_and_split_names(tmp_path
         if name == "parquet":
             return real(name, config, split=split, **kwargs)
         calls.append((name, config, split))
-        if name != "lmms-lab/GQA":
-            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
-        if split != "testdev":
-            raise ValueError(f'Unknown split "{split}". Should be one of [\'testdev\'].')
-        part = config.removeprefix("testdev_balanced_")
-        return real("parquet", data_files=str(local / f"{part}.parquet"), split="train")
-
-    monkeypatch.setattr(datasets, "load_dataset", fake)
-    _run("gqa", tmp_path / "out", "--hf-dataset", "lmms-lab/GQA")
-    assert calls == [("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"),
-                     ("lmms-lab/GQA", "testdev_balanced_images", "testdev")]
-    assert [q["question_id"] for q in _lines(tmp_path / "out" / "questions.jsonl")] == list(data)
-    assert _json(tmp_path / "out" / "manifest.json")["hf_dataset"] == "lmms-lab/GQA"
-
-
-def _gqa_hub(tmp_path: Path, monkeypatch, known: str) -> tuple[dict, list]:
-    """datasets.load_dataset that knows the GQA fixture under the hub name `known` only (as a local Hugging
-    Face cache made under that name does, offline); returns the fixture's questions and the calls made."""
-    raw = _raw("gqa", tmp_path, n=3)
-    data = _json(raw / "testdev_balanced_questions.json")
-    local = tmp_path / "local"
-    _parquet(local / "instructions.parquet", [{"id": q, "imageId": e["imageId"], "question": e["question"],
-                                               "answer": e["answer"], "isBalanced": True} for q, e in data.items()])
-    _parquet(local / "images.parquet", [{"id": e["imageId"], "image": _img(raw / "images" / f"{e['imageId']}.jpg")}
-                                        for e in data.values()])
-    real, calls = datasets.load_dataset, []
-
-    def fake(name, config=None, split=None, **kwargs):
-        if name == "parquet":
-            return real(name, config, split=split, **kwargs)
-        calls.append(name)
         if name != known:
             raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+        if split != "testdev":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'testdev\'].')
         part = config.removeprefix("testdev_balanced_")
         return real("parquet", data_files=str(local / f"{part}.parquet"), split="train")
 
@@ -572,25 +555,26 @@ def test_lmms_eval_old_and_new_organisation_names_both_work(tmp_path, monkeypatc
     """lmms-eval moved its datasets from lmms-lab/X to lmms-lab-encoder/X (2026-07): a copy cached under one
     name is found when the other is asked for, with a warning, and the manifest records the name loaded."""
     data, calls = _gqa_hub(tmp_path, monkeypatch, known=cached)
+    names = lambda: [call[0] for call in calls]  # noqa: E731
     _run("gqa", tmp_path / "out", "--hf-dataset", asked)
     assert [q["question_id"] for q in _lines(tmp_path / "out" / "questions.jsonl")] == list(data)
     assert _json(tmp_path / "out" / "manifest.json")["hf_dataset"] == cached
-    assert calls == [asked, cached, cached]          # the other name once; then straight to the one that loaded
+    assert names() == [asked, cached, cached]        # the other name once; then straight to the one that loaded
     err = one_line(capsys.readouterr().err)
     assert f"--hf-dataset {asked} could not be loaded" in err and f"loaded {cached}" in err
     # the name asked for, when it is the one cached: no detour, no warning
     calls.clear()
     _run("gqa", tmp_path / "again", "--hf-dataset", cached)
-    assert calls == [cached, cached] and "could not be loaded" not in capsys.readouterr().err
+    assert names() == [cached, cached] and "could not be loaded" not in capsys.readouterr().err
 
 
 def test_hub_name_of_another_organisation_gets_no_alternative(tmp_path, monkeypatch, capsys):
     _, calls = _gqa_hub(tmp_path, monkeypatch, known="lmms-lab/GQA")
     assert run_cli(main, ["gqa", "--hf-dataset", "someone/GQA", "--out-dir", str(tmp_path / "o")]) == 2
-    assert calls == ["someone/GQA"] and "someone/GQA" in one_line(capsys.readouterr().err)
+    assert [c[0] for c in calls] == ["someone/GQA"] and "someone/GQA" in one_line(capsys.readouterr().err)
     assert run_cli(main, ["gqa", "--hf-dataset", "lmms-lab-encoder/nothing", "--out-dir", str(tmp_path / "o")]) == 2
     err = one_line(capsys.readouterr().err)
-    assert calls[1:] == ["lmms-lab-encoder/nothing", "lmms-lab/nothing"]
+    assert [c[0] for c in calls[1:]] == ["lmms-lab-encoder/nothing", "lmms-lab/nothing"]
     assert "lmms-lab-encoder/nothing" in err and "lmms-lab/nothing" in err and "Hugging Face hub" in err
 
 

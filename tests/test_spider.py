@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import load_safetensors, logged_losses, run_train, run_train_subprocess
+from helpers import load_safetensors, logged_losses, run_train, run_train_subprocess, train_capturing_model
 
 SPIDER = ["--method", "spider", "--spider_layers", "1", "--lora_enable", "False"]
 LAYER1 = "model.language_model.layers.1."
@@ -162,23 +162,6 @@ def test_cli_gradient_sum_with_accumulation_equals_one_big_batch(tiny_dir, tmp_p
 # ------------------------------------------------------------------------------------------- CLI runs
 
 
-def _train_capturing(tiny_dir, out, *args, steps):
-    """Run the CLI in-process and return the trained model the trainer held at the end."""
-    import llava_sculpt.train as train
-
-    captured = {}
-    original = train.finalise
-
-    def finalise(trainer, run, method, output_dir):
-        captured["model"] = trainer.model
-        return original(trainer, run, method, output_dir)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "finalise", finalise)
-        assert run_train(tiny_dir, out, *args, steps=steps) == 0
-    return captured["model"].eval()
-
-
 @pytest.fixture(scope="module")
 def base_params(tiny_dir):
     from transformers import LlavaForConditionalGeneration
@@ -189,7 +172,7 @@ def base_params(tiny_dir):
 @pytest.fixture(scope="module")
 def spider_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("spider") / "run"
-    model = _train_capturing(tiny_dir, out, *SPIDER, "--save_strategy", "steps", "--save_steps", "2", steps=4)
+    model = train_capturing_model(tiny_dir, out, *SPIDER, "--save_strategy", "steps", "--save_steps", "2", steps=4)
     return out, model
 
 
@@ -247,7 +230,7 @@ def test_resume_reproduces_uninterrupted_run(spider_run, tiny_dir, tmp_path):
 def test_magnitude_mask_frozen_entries_exact(tiny_dir, tmp_path, base_params):
     """Top 50% of |theta0| per tensor stay bit-exact at theta0 under AdamW with weight decay; the rest train."""
     out = tmp_path / "mm"
-    model = _train_capturing(tiny_dir, out, "--method", "magnitude_mask", "--mask_layers", "1", "--weight_decay", "0.1",
+    model = train_capturing_model(tiny_dir, out, "--method", "magnitude_mask", "--mask_layers", "1", "--weight_decay", "0.1",
                              steps=3)
     saved = load_safetensors(out / "partial_model.safetensors")
     masks = {k[len("mask/"):]: v for k, v in load_safetensors(out / "method_state.safetensors").items()}
