@@ -24,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_common import ROOT, check, finish, median  # noqa: E402
+from bench_common import check, finish, median, run_child  # noqa: E402
 
 VARIANTS = ("default", "passive")
 LOADS = ("idle", "loaded")
@@ -59,14 +59,9 @@ def child(variant: str, tiny: str, out: str, steps: int) -> None:
 
 
 def run_variant(variant: str, tiny: str, out: str, steps: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
-    env.pop("OMP_WAIT_POLICY", None)  # the child sets its own, before torch
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, "--tiny", tiny,
-                           "--out", out, "--steps", str(steps)], capture_output=True, text=True, env=env,
-                          timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench_omp_wait.py --child {variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One child run (it sets its own policy before importing torch, whatever this process's environment)."""
+    return run_child(os.path.abspath(__file__), ["--child", variant, "--tiny", tiny, "--out", out,
+                                                 "--steps", str(steps)], timeout=1800)
 
 
 def run(steps: int = 20, reps: int = 2, loads: tuple[str, ...] = LOADS) -> dict:

@@ -111,6 +111,32 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     os.replace(path + ".tmp", path)
 
 
+def write_bytes_if_changed(path: str | os.PathLike, data: bytes) -> bool:
+    """Write `data` atomically unless `path` already holds exactly these bytes (a rerun that produces the same
+    output writes nothing); returns whether it wrote."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except OSError:
+        pass
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return True
+
+
+def write_json_if_changed(path: str | os.PathLike, obj: Any) -> bool:
+    """`write_json_atomic` unless `path` already holds the same JSON value; returns whether it wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == json.loads(json.dumps(obj)):
+                return False
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, obj)
+    return True
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2, **dump_kwargs) -> None:
     with atomic_open(path) as handle:
         json.dump(obj, handle, indent=indent, **dump_kwargs)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
-from llava_sculpt.atomic import write_json_atomic, write_text_atomic
+from llava_sculpt.atomic import write_bytes_if_changed, write_json_atomic, write_json_if_changed
 from llava_sculpt.errors import UserError, run_cli
 
 SOURCES = ("okvqa", "ocrvqa", "gqa", "textvqa")
@@ -376,6 +376,7 @@ def median(values: Sequence[float]) -> float:
 # ------------------------------------------------------------------------------------------------ demo
 def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, world: WorldSettings = WorldSettings()) -> dict:
     """Everything of the module docstring; returns the summary (also OUT/summary.json)."""
+    from llava_sculpt import progress
     from llava_sculpt.cli import main as cli
 
     started = time.monotonic()
@@ -407,8 +408,6 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
             for seed in s.seeds:
                 run = out / "runs" / (f"{method}_r{rank}_seed{seed}" if rank is not None else f"{method}_seed{seed}")
                 t0 = time.monotonic()
-                from llava_sculpt import progress
-
                 # the run's output goes to its log; its progress lines (one a minute) to the terminal
                 with progress.lines_to(sys.stdout, lambda: f"[{time.monotonic() - started:5.0f}s] "
                                        f"{run_label(method, rank)}, seed {seed}, training "), \
@@ -430,9 +429,9 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
                "curve_questions_per_benchmark": s.curve_questions, "seeds": list(s.seeds), "rows": rows,
                "settings": asdict(s), "world": asdict(world),
                "cmr_grad_ratio_median": {k: median(v) for k, v in ratios.items() if v}}
-    _write_if_changed(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_if_changed(out / "summary.json", summary)
     table = summary_markdown(summary)
-    _write_if_changed(out / f"table1_{s.target}.md", table)
+    write_bytes_if_changed(out / f"table1_{s.target}.md", table.encode("utf-8"))
     figures = _figures(out, groups, zero_curve, s.curve_questions, s.questions)
     _log(f"wrote {out / 'summary.json'}, {out / f'table1_{s.target}.md'}" +
          "".join(f", {f}" for f in figures), started)
@@ -444,16 +443,6 @@ def run_demo(out: str | Path, settings: DemoSettings, world_dir: str | Path, wor
               + f"; cmr_lambda {s.cmr_lambda:g} here is the paper's 1e-3 x 4096/128: at LLaVA-7B's shapes the "
               "ratio is not measured (no GPU run yet, see the README)")
     return summary
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write `text` atomically unless `path` already holds it: a rerun that changes nothing writes nothing."""
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    write_text_atomic(path, text)
 
 
 def _scores_text(scores: dict[str, float], target: str) -> str:

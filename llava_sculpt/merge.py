@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from llava_sculpt.atomic import atomic_dir, give_normal_modes
+from llava_sculpt.atomic import atomic_dir
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.model.load import ADAPTER_CONFIG, DTYPES, PARTIAL_CONFIG, load_for_inference, run_format
 
@@ -38,7 +38,6 @@ def merge_run(model_path: str, output_dir: str, model_base: str | None = None, d
     with atomic_dir(output_dir) as tmp:  # an existing output_dir is replaced only once all is written
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        give_normal_modes(tmp)  # safetensors writes 0600 files
     return output_dir
 
 

@@ -32,7 +32,7 @@ import re
 import sys
 from typing import Sequence
 
-from llava_sculpt.atomic import atomic_open
+from llava_sculpt.atomic import write_bytes_if_changed
 from llava_sculpt.errors import UserError, json_error_text, run_cli
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down")  # suffix "_proj" in Llama module names
@@ -127,16 +127,7 @@ def save_png(fig, out_path: str, dpi: int) -> bool:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
-    data = buffer.getvalue()
-    try:
-        with open(out_path, "rb") as f:
-            if f.read() == data:
-                return False
-    except OSError:
-        pass
-    with atomic_open(out_path, "wb") as handle:
-        handle.write(data)
-    return True
+    return write_bytes_if_changed(out_path, buffer.getvalue())
 
 
 def render_training(state_path: str, out_path: str) -> tuple[int, list[str]]:

@@ -403,8 +403,8 @@ class EvalDuringTraining:
                 scores, roles, counts = {}, {}, {}
                 warnings = io.StringIO()
                 with contextlib.redirect_stderr(warnings):
+                    capped = self.plan.max_questions is not None
                     for spec, questions in self.plan.work:
-                        capped = self.plan.max_questions is not None
                         payload = score_benchmark(spec, os.path.join(answers_dir, f"{spec.name}.jsonl"),
                                                   os.path.join(step_dir, "scores", f"{spec.name}.json"),
                                                   self.plan.compat, partial=capped,

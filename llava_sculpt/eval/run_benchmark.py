@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from llava_sculpt.atomic import atomic_open, write_json_atomic
+from llava_sculpt.atomic import atomic_open, write_json_if_changed
 from llava_sculpt.errors import UserError, json_error_text, run_cli
 from llava_sculpt.eval.specs import BenchmarkSpec, find_spec, load_spec
 
@@ -332,19 +332,6 @@ def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, com
     return payload
 
 
-def write_json_if_changed(path: str, payload) -> bool:
-    """Write `payload` atomically unless `path` already holds it (a rerun that finds everything done writes
-    nothing); returns whether it wrote."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            if json.load(f) == json.loads(json.dumps(payload)):
-                return False
-    except (OSError, ValueError):
-        pass
-    write_json_atomic(path, payload)
-    return True
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     from llava_sculpt.model.load import DTYPES
@@ -420,13 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
 
     generator = Generator(args, log)
+    capped = args.max_questions is not None
     for spec, questions in work:
         benchmark_start = time.monotonic()
         answers_file = os.path.join(eval_dir, "answers", f"{spec.name}.jsonl")
         os.makedirs(os.path.dirname(answers_file), exist_ok=True)
         generator.run(spec, questions, answers_file)
         log(f"{spec.name}: scoring")
-        capped = args.max_questions is not None
         payload = score_benchmark(spec, answers_file, os.path.join(eval_dir, "scores", f"{spec.name}.json"),
                                   args.compat, partial=capped, asked=questions if capped else None)
         asked = f" of the first {payload['num_asked']} questions" if capped else ""
