@@ -17,7 +17,7 @@ from typing import Sequence
 
 from llava_sculpt.atomic import atomic_dir
 from llava_sculpt.errors import UserError, run_cli
-from llava_sculpt.model.load import ADAPTER_CONFIG, DTYPES, PARTIAL_CONFIG, load_for_inference, run_format
+from llava_sculpt.model.load import ADAPTER_CONFIG, DTYPES, PARTIAL_CONFIG, load_for_inference, refuse_unmergeable
 
 
 def merge_run(model_path: str, output_dir: str, model_base: str | None = None, dtype: str = "float32") -> str:
@@ -29,9 +29,7 @@ def merge_run(model_path: str, output_dir: str, model_base: str | None = None, d
                         "run or checkpoint directory holding a PEFT adapter, or the trained tensors of a run without "
                         "LoRA (--method spider / magnitude_mask)")
     if not partial:
-        fmt = run_format(model_path)
-        if fmt is not None and fmt.not_mergeable:
-            raise UserError(f"--model-path {model_path}: {fmt.not_mergeable}")
+        refuse_unmergeable(model_path)
     model, processor = load_for_inference(model_path, model_base, dtype=DTYPES[dtype])
     # a run without LoRA is already the base with its trained tensors in place: nothing to fold
     merged = model if partial else model.merge_and_unload()

@@ -26,11 +26,10 @@ import torch
 
 from llava_sculpt.atomic import atomic_dir
 from llava_sculpt.errors import UserError
-from llava_sculpt.methods.asymlora import NOT_MERGEABLE, saved_experts
 from llava_sculpt.methods.base import RunContext
 from llava_sculpt.methods.lora import LoRAMethod
 from llava_sculpt.model.load import (ADAPTER_CONFIG, DTYPES, adapter_saves_projector, find_projector, load_base_model,
-                                     load_processor, load_projector)
+                                     load_processor, load_projector, refuse_unmergeable)
 
 MERGED_SUBDIR = "merged"
 TRANSFORM_INFO = "transform.json"
@@ -117,8 +116,7 @@ def load_run(model_path: str, model_base: str | None = None, dtype: torch.dtype 
     of the model; the adapter and the remembered projector are small."""
     from peft import PeftModel
 
-    if saved_experts(model_path):  # an input-dependent mixture: there is no single delta to drop or tailor
-        raise UserError(f"--model-path {model_path}: {NOT_MERGEABLE}")
+    refuse_unmergeable(model_path)
     model_base = resolve_model_base(model_path, model_base)
     model = load_base_model(model_base, dtype, flag="--model-base")
     base_projector = {k: v.detach().clone() for k, v in find_projector(model).state_dict().items()}

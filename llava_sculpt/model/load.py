@@ -88,6 +88,14 @@ def run_format(run_dir: str) -> RunFormat | None:
     return None
 
 
+def refuse_unmergeable(run_dir: str) -> None:
+    """A UserError when the run's registered format cannot be merged (AsymLoRA: an input-dependent mixture),
+    so `merge` and the post-training transforms have no single delta to fold, drop or tailor."""
+    fmt = run_format(run_dir)
+    if fmt is not None and fmt.not_mergeable:
+        raise UserError(f"--model-path {run_dir}: {fmt.not_mergeable}")
+
+
 def find_projector(model) -> torch.nn.Module:
     """The projector the model computes with: inside a PEFT model whose adapter saves the projector
     (`modules_to_save`), the adapter's trainable copy, not the frozen original PEFT keeps beside it."""
