@@ -9,6 +9,9 @@ A method is a plain class with a flags dataclass.  The trainer calls, in this or
     logs() -> dict[str, float]              extra values for the next logged line (e.g. averages since the last)
     state_dict() / load_state_dict(d)       tensors saved in every checkpoint as `method_state.safetensors`
                                             (state_dict runs on every process, so it may gather across ranks)
+    after_save(output_dir, projector_state) at every save (checkpoint-N and the run), on the saving process,
+                                            after the weights: extra files (LLaVA's stage-1 mm_projector.bin);
+                                            `projector_state` = the saved projector, None when it is not trained
     post_training(run_dir, model, run)      after training, on the main process (e.g. reports)
     transform_saved_run(run_dir, run)       after the run is saved and marked complete and the training state
                                             is freed, on the main process (DARE, Model Tailor: RUN_DIR/merged)
@@ -71,6 +74,9 @@ class FineTuningMethod:
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def after_save(self, output_dir: str, projector_state: dict[str, torch.Tensor] | None) -> None:
         pass
 
     def post_training(self, run_dir: str, model, run: RunContext) -> None:

@@ -236,10 +236,12 @@ class LlavaSculptTrainer(transformers.Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+        projector = None
         if self.method.trains_projector and not self.args.freeze_mm_mlp_adapter:
             source = state_dict if state_dict else find_projector(self.model).state_dict()
             projector = _projector_keys(source) if state_dict else dict(source)
             save_projector(projector, output_dir)
+        self.method.after_save(output_dir, projector)
         save_method_state(self.method, output_dir, method_state)
         write_run_args(self.run, self.method, output_dir)
         give_normal_modes(output_dir, recursive=False)  # safetensors writes 0600 files
