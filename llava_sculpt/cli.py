@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("llava_sculpt.eval.score", "score an answers file with the benchmark's official metric"),
     "eval": ("llava_sculpt.eval.run_benchmark", "generate + score benchmarks from their eval/ specs into a run directory"),
     "table": ("llava_sculpt.eval.table", "collect scores of runs into the paper's Table 1 layout"),
+    "text-loss": ("llava_sculpt.eval.textloss", "a model's loss on held-out English text (stdlib docstrings) into EVAL_DIR/scores"),
 }
 
 

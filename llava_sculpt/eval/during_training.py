@@ -28,9 +28,11 @@ Output, in RUN_DIR (--output_dir):
     eval_curve.jsonl     one line per evaluation point, appended with write + flush + fsync:
         {"step": int (optimizer step; 0 = before training), "epoch": float (the Trainer's fractional epoch),
          "scores": {benchmark: score on the 0-100 scale of scores/*.json's "score"},
-         "roles": {benchmark: "source" | "target"}, "num_questions": {benchmark: questions asked (and scored)},
-         "source_mean": mean score of the source benchmarks or null, "target": mean of the target ones or
-         null, "seconds": wall time of the point (generation + scoring)}
+         "roles": {benchmark: "source" | "target" | "knowledge"}, "num_questions": {benchmark: questions
+         asked (and scored)}, "source_mean": mean score of the source benchmarks or null, "target": mean of
+         the target ones or null, "knowledge": mean of the knowledge-role ones (eval/knowledge.json: not in
+         source_mean, as the table keeps the paper's 4-source mean) or null, "seconds": wall time of the
+         point (generation + scoring)}
     eval_curve/step-N/answers/{benchmark}.jsonl, scores/{benchmark}.json   the answers and the scorer's
                          JSON of each point (the layout of an eval dir)
 
@@ -179,9 +181,10 @@ def check_point(record, where: str) -> dict:
     if not isinstance(scores, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in scores.items()):
         raise UserError(f"{where}: 'scores' must be an object {{benchmark: number}}, got {scores!r:.200}")
     roles = record.get("roles", {})
-    if not isinstance(roles, dict) or not all(v in ("source", "target") for v in roles.values()):
-        raise UserError(f"{where}: 'roles' must be an object {{benchmark: 'source' | 'target'}}, got {roles!r:.200}")
-    for key in ("source_mean", "target"):
+    if not isinstance(roles, dict) or not all(v in ("source", "target", "knowledge") for v in roles.values()):
+        raise UserError(f"{where}: 'roles' must be an object {{benchmark: 'source' | 'target' | 'knowledge'}}, got "
+                        f"{roles!r:.200}")
+    for key in ("source_mean", "target", "knowledge"):
         if record.get(key) is not None and not _is_number(record[key]):
             raise UserError(f"{where}: {key!r} must be a number or null, got {record[key]!r}")
     return record
@@ -414,8 +417,11 @@ class EvalDuringTraining:
                 self._show_once(warnings.getvalue())
                 source, target = summarise(scores, roles)
                 record = {"step": step, "epoch": epoch, "scores": scores, "roles": roles, "num_questions": counts,
-                          "source_mean": source, "target": target,
-                          "seconds": round(time.monotonic() - started, 3)}
+                          "source_mean": source, "target": target}
+                knowledge = [scores[n] for n in scores if roles[n] == "knowledge"]
+                if knowledge:  # only then: curves without a knowledge benchmark keep their exact lines
+                    record["knowledge"] = sum(knowledge) / len(knowledge)
+                record["seconds"] = round(time.monotonic() - started, 3)
                 append_point(os.path.join(self.output_dir, CURVE_FILE), record)
                 print(format_point(record), flush=True)
         _barrier(args)
@@ -433,8 +439,9 @@ def format_point(record: dict) -> str:
     each = f", {next(iter(same))} questions each" if len(same) == 1 else ""
     scores = ", ".join(f"{name} {number(value)}" + ("" if each or name not in counts else f" ({counts[name]} q)")
                        for name, value in record["scores"].items())
+    knowledge = f" knowledge {number(record['knowledge'])}" if "knowledge" in record else ""
     return (f"eval @ step {record['step']} (epoch {round(record['epoch'], 2)}{each}): {scores} | source "
-            f"{number(record['source_mean'])} target {number(record['target'])} ({record['seconds']:.1f}s)")
+            f"{number(record['source_mean'])} target {number(record['target'])}{knowledge} ({record['seconds']:.1f}s)")
 
 
 def make_callback(plan: EvalPlan, processor, output_dir: str, resume: str | None = None):

@@ -5,6 +5,7 @@
         [--max-questions N] [--max-new-tokens N] [--conv-mode M] [--num-gpus N (default: all visible)]
         [--dtype auto] [--image-aspect-ratio pad] [--compat official|paper]
         [--method NAME] [--rank R] [--target iconqa|coco] [--overwrite | --replace-stale | --adopt]
+        [--reference-eval-dir REF_DIR]
 
 BENCH is a spec file or a name in the spec folder (eval/okvqa.json -> "okvqa"); see llava_sculpt/eval/specs.py.
 Writes the run-dir layout `llava-sculpt table` reads:
@@ -23,6 +24,10 @@ Writes the run-dir layout `llava-sculpt table` reads:
                               questions asked (the first N) are scored ("num_asked", "subset": true), and
                               only a missing answer to one of them is reported, as a warning
 A rerun that finds every answer present and every file up to date writes nothing.
+--reference-eval-dir REF_DIR (knowledge benchmarks): each knowledge score JSON also gets the retention against
+REF_DIR/scores/{name}.json (the same benchmark evaluated on a reference model, e.g. the zero-shot base with the
+same --max-questions): "retention", "num_reference_correct", "num_retained", "reference"
+(llava_sculpt/eval/knowledge.py); a reference scored on other questions is an error.
 
 Generation: with 0 or 1 GPU the model is loaded once in this process and serves every benchmark.  With N > 1
 GPUs each benchmark runs as N `llava-sculpt generate` processes, one per GPU (CUDA_VISIBLE_DEVICES), on
@@ -313,7 +318,7 @@ class Generator:
 
 # -------------------------------------------------------------------------------------------- scoring
 def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, compat: str, partial: bool,
-                    asked=None) -> dict:
+                    asked=None, reference_dir: str | None = None) -> dict:
     """Score one benchmark's answers into `score_file` (left untouched when it already holds this payload).
     `asked`: the questions of a capped evaluation (its first --max-questions questions): exactly these are
     scored, and only a missing answer to one of them is reported (a warning with `partial`, else an error)."""
@@ -326,10 +331,26 @@ def score_benchmark(spec: BenchmarkSpec, answers_file: str, score_file: str, com
                          asked=None if asked is None else [(q.question_id, q.text) for q in asked],
                          asked_from=f"question file {spec.question_file}")
     payload["benchmark"] = spec.name
+    if reference_dir is not None and spec.task == "knowledge":
+        from llava_sculpt.eval.knowledge import read_score, retention
+
+        reference = reference_score_file(reference_dir, spec)
+        payload.update(retention(read_score(reference, "reference score file"), payload,
+                                 f"reference score file {reference}", f"{spec.name}'s answers {answers_file}"),
+                       reference=os.path.abspath(reference))
     if spec.name != spec.task:  # `llava-sculpt table` expects scores/{task}.json to hold that task
         payload["scorer"], payload["task"] = spec.task, spec.name
     write_json_if_changed(score_file, payload)
     return payload
+
+
+def reference_score_file(reference_dir: str, spec: BenchmarkSpec) -> str:
+    """REF_DIR/scores/{name}.json of --reference-eval-dir, which must exist."""
+    path = os.path.join(reference_dir, "scores", f"{spec.name}.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--reference-eval-dir {reference_dir}: no {path}; evaluate {spec.name} on the reference "
+                        "model into that eval dir first (with the same --max-questions).")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -365,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluated afresh; answers with a matching record are reused (the default stops on stale ones)")
     p.add_argument("--adopt", action="store_true", help="answers files without a record of what produced them "
                    "(older llava-sculpt): take them as this model's, record this run's settings, resume")
+    p.add_argument("--reference-eval-dir", default=None, metavar="REF_DIR",
+                   help="knowledge benchmarks: add the retention against REF_DIR/scores/{name}.json")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -394,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("no benchmarks given (names of specs in eval/, or spec files).")
     eval_dir = args.eval_dir or os.path.join(args.model_path, "eval")
     work = benchmark_questions(specs, args.max_questions)  # validate every benchmark's data before any generation
+    if args.reference_eval_dir is not None:
+        knowledge = [s for s in specs if s.task == "knowledge"]
+        if not knowledge:
+            raise UserError("--reference-eval-dir: no knowledge benchmark in this run (retention is defined for it only).")
+        for spec in knowledge:
+            reference_score_file(args.reference_eval_dir, spec)
     if args.overwrite and args.adopt:
         raise UserError("--overwrite discards the answers, --adopt keeps them: pass one of them, not both.")
     if args.overwrite and args.replace_stale:
@@ -415,10 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         generator.run(spec, questions, answers_file)
         log(f"{spec.name}: scoring")
         payload = score_benchmark(spec, answers_file, os.path.join(eval_dir, "scores", f"{spec.name}.json"),
-                                  args.compat, partial=capped, asked=questions if capped else None)
+                                  args.compat, partial=capped, asked=questions if capped else None,
+                                  reference_dir=args.reference_eval_dir)
         asked = f" of the first {payload['num_asked']} questions" if capped else ""
         log(f"{spec.name}: {payload['metric']} = {payload['score']:.2f} (n={payload['num_samples']}{asked}), done in "
             f"{time.monotonic() - benchmark_start:.1f}s")
+        if "num_reference_correct" in payload:
+            from llava_sculpt.eval.knowledge import format_retention
+
+            log(f"{spec.name}: {format_retention(payload)}")
     print(f"wrote {eval_dir}/run_meta.json and scores/ ({', '.join(s.name for s in specs)}); "
           f"table: llava-sculpt table {eval_dir}")
     return 0

@@ -13,6 +13,13 @@ Annotation files (official formats, or the question JSONL with answers):
              counted as balanced (the testdev_balanced file holds balanced questions only) with a warning.
     iconqa, ocrvqa  JSON lines (or a JSON list) {"question_id", "answer", ...}
     coco     COCO caption format {"images": [{id}], "annotations": [{image_id, caption}]}
+    knowledge  annotations.jsonl of `llava-sculpt prepare knowledge` {"question_id", "question", "answers",
+             "domain"}; correct = an accepted answer occurs in the normalised prediction as whole words
+             (llava_sculpt/eval/knowledge.py); the JSON adds "correct_ids", "question_ids", "per_domain",
+             "question_set_sha256", and with --reference-answers REF.jsonl (another model's answers to the same
+             questions, scored alike) or --reference-score REF.json: "retention" (percent of the questions
+             the reference answered correctly that are still answered correctly), "num_reference_correct",
+             "num_retained", "reference"
 Result files: LLaVA answer lines {"question_id", "prompt", "text", ...} (JSON lines, or one JSON list).
     coco: question_id (or image_id) = COCO image id, text (or caption) = the caption.
     textvqa: question_id is either the TextVQA question_id, or (LLaVA's own question file) the image id;
@@ -51,9 +58,10 @@ from llava_sculpt.atomic import write_json_atomic
 from llava_sculpt.errors import UserError, json_error_text, run_cli
 from llava_sculpt.eval import metrics
 
-TASKS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa")
+TASKS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa", "knowledge")
 METRIC_NAMES = {"okvqa": "vqa_accuracy", "textvqa": "textvqa_soft_accuracy", "gqa": "exact_match",
-                "iconqa": "exact_match", "ocrvqa": "exact_match", "coco": "CIDEr-D"}
+                "iconqa": "exact_match", "ocrvqa": "exact_match", "coco": "CIDEr-D",
+                "knowledge": "answer_in_prediction"}
 PAPER_EQUALS_OFFICIAL = ("gqa", "textvqa", "coco")
 
 
@@ -66,6 +74,7 @@ class Annotations:
     unbalanced: frozenset[str] = frozenset()  # gqa: isBalanced false (answered, but not scored)
     unflagged: int = 0  # gqa: entries without an isBalanced field (counted as balanced)
     asked: int | None = None  # restricted to the questions a capped evaluation asked (`restrict_to_asked`)
+    items: dict[str, dict] = field(default_factory=dict)  # knowledge: {id: {"question", "answers", "domain"}}
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -236,6 +245,11 @@ def load_annotations(task: str, annotation_file: str, question_file: str | None 
         return _load_gqa(annotation_file)
     if task == "coco":
         return _load_coco(annotation_file)
+    if task == "knowledge":
+        from llava_sculpt.eval.knowledge import load_annotations as load_knowledge
+
+        items = load_knowledge(annotation_file)
+        return Annotations({k: v["answers"] for k, v in items.items()}, items=items)
     return _load_answer_lines(annotation_file)
 
 
@@ -364,6 +378,10 @@ def score_task(task: str, annotation_file: str, result_file: str, question_file:
     elif task == "gqa":
         payload.update(_score_gqa(ann, pairs, annotation_file))
         num_scored = payload["num_counted"]
+    elif task == "knowledge":
+        from llava_sculpt.eval.knowledge import score_details
+
+        payload.update(score_details(ann.items, pairs))
     else:
         per_question: Callable[[str, Any], float]
         if task == "okvqa":
@@ -415,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --asked: only its first N questions (generate's --max-questions)")
     parser.add_argument("--cider-only", action="store_true",
                         help="coco: skip BLEU-4/METEOR/ROUGE-L (METEOR starts a slow 2 GB Java process)")
+    reference = parser.add_mutually_exclusive_group()
+    reference.add_argument("--reference-answers", default=None, metavar="REF_JSONL",
+                           help="knowledge: a reference model's answers to the same questions; adds its retention")
+    reference.add_argument("--reference-score", default=None, metavar="REF_JSON",
+                           help="knowledge: a reference model's knowledge score JSON; adds its retention")
     return parser
 
 
@@ -432,9 +455,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as err:  # its messages name generate's flag
             raise UserError(str(err).replace("--question-file", "--asked", 1)) from None
         asked = [(q.question_id, q.text) for q in questions[:args.max_questions]]
+    if (args.reference_answers or args.reference_score) and args.task != "knowledge":
+        raise UserError("--reference-answers / --reference-score: retention is defined for the knowledge task only.")
     payload = score_task(args.task, args.annotation_file, args.result_file, args.question_file,
                          args.compat, args.allow_partial, args.cider_only, asked=asked,
                          asked_from=f"--asked {args.asked}")
+    if args.reference_answers or args.reference_score:
+        from llava_sculpt.eval.knowledge import format_retention, read_score, retention
+
+        if args.reference_answers:
+            where = f"--reference-answers {args.reference_answers}"
+            reference = score_task(args.task, args.annotation_file, args.reference_answers, compat=args.compat,
+                                   allow_partial=args.allow_partial, asked=asked, asked_from=f"--asked {args.asked}")
+        else:
+            where = f"--reference-score {args.reference_score}"
+            reference = read_score(args.reference_score, "--reference-score")
+        payload.update(retention(reference, payload, where, f"--result-file {args.result_file}"),
+                       reference=os.path.abspath(args.reference_answers or args.reference_score))
     extra = ""
     if args.task == "coco" and not args.cider_only:
         extra = "  " + "  ".join(f"{k}={payload[k]:.2f}" for k in ("bleu4", "meteor", "rouge_l"))
@@ -443,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     asked_text = f" of {payload['num_asked']} asked" if payload["subset"] else ""
     print(f"{args.task}: {payload['metric']} = {payload['score']:.2f} "
           f"(n={payload['num_samples']}{asked_text}, compat={args.compat}){extra}")
+    if "num_reference_correct" in payload:
+        print(format_retention(payload))
     if args.json_out:
         write_json_atomic(args.json_out, payload)
     return 0

@@ -3,8 +3,10 @@
     {
       "name": "okvqa",                                   answers/{name}.jsonl, scores/{name}.json
       "task": "okvqa",                                   scorer of `llava-sculpt score` (metric), one of
-                                                         okvqa, textvqa, gqa, iconqa, ocrvqa, coco
-      "role": "source",                                  "source" (forgetting) or "target" (fine-tuned task)
+                                                         okvqa, textvqa, gqa, iconqa, ocrvqa, coco, knowledge
+      "role": "source",                                  "source" (forgetting), "target" (fine-tuned task) or
+                                                         "knowledge" (forgetting of the language model's own
+                                                         knowledge: scored and shown, outside the Source mean)
       "question_file": "${DATA_ROOT}/okvqa/questions.jsonl",
       "annotation_file": "${DATA_ROOT}/okvqa/annotations.json",
       "score_question_file": "${DATA_ROOT}/okvqa/questions_official.json",   optional (okvqa)
@@ -36,7 +38,7 @@ from typing import Sequence
 
 from llava_sculpt.errors import UserError, json_error_text, run_cli
 
-ROLES = ("source", "target")
+ROLES = ("source", "target", "knowledge")
 REQUIRED = ("name", "task", "role", "question_file", "annotation_file")
 OPTIONAL = ("score_question_file", "image_folder", "conv_mode", "max_new_tokens", "score_options",
             "prompt_note", "description")
@@ -150,7 +152,7 @@ def load_spec(path: str, data_root: str | None = None, check_files: bool = True)
         raise UserError(f"{where('task')}: {raw['task']!r} is not a scorer of `llava-sculpt score`; "
                         f"expected one of {', '.join(TASKS)}.")
     if raw["role"] not in ROLES:
-        raise UserError(f"{where('role')}: expected 'source' or 'target', got {raw['role']!r}.")
+        raise UserError(f"{where('role')}: expected one of {', '.join(map(repr, ROLES))}, got {raw['role']!r}.")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw["name"]):
         raise UserError(f"{where('name')}: {raw['name']!r} is used as a file name; letters, digits, '_', '.', '-' only.")
     conv_mode = raw.get("conv_mode", "vicuna_v1")

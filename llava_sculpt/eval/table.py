@@ -8,11 +8,15 @@ Run-dir convention (one directory per evaluated model):
     RUN_DIR/scores/{task}.json as written by `llava-sculpt score TASK --json-out`, task in
                                okvqa, ocrvqa, gqa, textvqa (sources) and iconqa or coco (the target);
                                only the "score" field (0-100) is used.
+    RUN_DIR/scores/knowledge.json  optional: the knowledge benchmark (eval/knowledge.json)
 
 Columns: OKVQA, OCRVQA, GQA, TextVQA, Source, Target, Avg with
     Source = mean of the four source scores   (a missing one -> the cell, Source and Avg show "-")
     Target = the target score (IconQA accuracy or COCO CIDEr x 100)
     Avg    = (Source + Target) / 2             (REFERENCE.md section 4; paper Table 1)
+When any run has scores/knowledge.json, a Knowledge column (percent of the language model's factual questions
+answered correctly) follows TextVQA; Source and Avg stay the paper's (Knowledge is not averaged in), as a note
+under each markdown table says.  Without knowledge scores the output is exactly the paper's seven columns.
 Rows: the zero-shot row first, then one group per LoRA rank (ascending), methods in the paper's order
 (LoRA, DoRA, L2-Reg, Orth-Reg, Model Tailor, DARE, the related methods of METHOD_NAMES, then unknown
 methods by name, LoRASculpt last).
@@ -41,6 +45,9 @@ from llava_sculpt.errors import UserError, json_error_text, run_cli
 SOURCE_TASKS = ("okvqa", "ocrvqa", "gqa", "textvqa")
 SOURCE_COLUMNS = ("OKVQA", "OCRVQA", "GQA", "TextVQA")
 COLUMNS = SOURCE_COLUMNS + ("Source", "Target", "Avg")
+KNOWLEDGE_TASK, KNOWLEDGE_COLUMN = "knowledge", "Knowledge"
+KNOWLEDGE_COLUMNS = SOURCE_COLUMNS + (KNOWLEDGE_COLUMN, "Source", "Target", "Avg")
+KNOWLEDGE_NOTE = "Source and Avg: the four source tasks, as in the paper; Knowledge is not averaged in."
 TARGETS = {"iconqa": "IconQA", "coco": "COCO-Caption"}
 ZERO_SHOT = "zero-shot"
 # normalised method key -> display name, in the paper's row order
@@ -80,6 +87,7 @@ class Row:
 class Table:
     target: str
     rows: list[Row]      # zero-shot (if any) first, then rank groups in ascending rank
+    columns: tuple[str, ...] = COLUMNS  # KNOWLEDGE_COLUMNS when a run has a knowledge score
 
 
 def method_key(name: str) -> str:
@@ -127,7 +135,7 @@ def load_run(run_dir: str) -> Run:
         raise UserError(f"{meta_path}: method {meta['method']!r} needs an integer 'rank' and a 'target'; "
                         "only the zero-shot base model may leave them null.")
     run = Run(run_dir, key, rank, target)
-    for task in SOURCE_TASKS + tuple(TARGETS):
+    for task in SOURCE_TASKS + tuple(TARGETS) + (KNOWLEDGE_TASK,):
         path = os.path.join(run_dir, "scores", f"{task}.json")
         if not os.path.exists(path):
             continue
@@ -149,14 +157,15 @@ def _row(run: Run, target: str, raw_method: str) -> Row:
     sources = [values[c] for c in SOURCE_COLUMNS]
     values["Source"] = None if None in sources else sum(sources) / len(sources)
     values["Target"] = run.scores.get(target)
+    values[KNOWLEDGE_COLUMN] = run.scores.get(KNOWLEDGE_TASK)
     values["Avg"] = (None if values["Source"] is None or values["Target"] is None
                      else (values["Source"] + values["Target"]) / 2)
     return Row(_display_name(run.method, raw_method), run.rank, run.path, values)
 
 
-def _mark_group(rows: list[Row]) -> None:
+def _mark_group(rows: list[Row], columns: Sequence[str] = COLUMNS) -> None:
     """Best / second-best per column (as displayed) and the unique best Avg's gain over the next one."""
-    for column in COLUMNS:
+    for column in columns:
         shown = {id(r): round(r.values[column], 2) for r in rows if r.values[column] is not None}
         levels = sorted(set(shown.values()), reverse=True)
         if len(shown) < 2:
@@ -173,6 +182,7 @@ def _mark_group(rows: list[Row]) -> None:
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
+    columns = KNOWLEDGE_COLUMNS if any(KNOWLEDGE_TASK in r.scores for r in runs) else COLUMNS
     zero_shot = [r for r in runs if r.method == "zeroshot"]
     methods = [r for r in runs if r.method != "zeroshot"]
     targets = {r.target for r in methods} or {r.target or t for r in zero_shot for t in TARGETS
@@ -196,9 +206,9 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                                     f"{seen[(r.method, rank)]} and {r.path}; pass one.")
                 seen[(r.method, rank)] = r.path
             group_rows = [_row(r, target, r.method) for r in group]
-            _mark_group(group_rows)
+            _mark_group(group_rows, columns)
             rows.extend(group_rows)
-        tables.append(Table(target, rows))
+        tables.append(Table(target, rows, columns))
     if not tables:
         raise UserError("none of the run directories has a target (iconqa or coco) to tabulate.")
     return tables
@@ -218,15 +228,16 @@ def cell_text(row: Row, column: str) -> str:
 def to_markdown(tables: Sequence[Table]) -> str:
     out = []
     for table in tables:
+        columns = table.columns
         out += [f"### Fine-tuned on {TARGETS[table.target]}", "",
-                "| Method | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+                "| Method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         current_rank: object = "start"
         for row in table.rows:
             if row.rank is not None and row.rank != current_rank:
-                out.append(f"| *LoRA Rank={row.rank}* |" + " |" * len(COLUMNS))
+                out.append(f"| *LoRA Rank={row.rank}* |" + " |" * len(columns))
                 current_rank = row.rank
             cells = []
-            for column in COLUMNS:
+            for column in columns:
                 text = cell_text(row, column)
                 number, arrow, gain = text.partition("↑")
                 if column in row.best:
@@ -235,6 +246,8 @@ def to_markdown(tables: Sequence[Table]) -> str:
                     number = f"<u>{number}</u>"
                 cells.append(number + arrow + gain)
             out.append(f"| {row.method} | " + " | ".join(cells) + " |")
+        if KNOWLEDGE_COLUMN in columns:
+            out += ["", KNOWLEDGE_NOTE]
         out.append("")
     return "\n".join(out)
 
@@ -242,21 +255,24 @@ def to_markdown(tables: Sequence[Table]) -> str:
 def to_csv(tables: Sequence[Table]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["target", "rank", "method", *COLUMNS, "avg_gain", "best", "second", "run_dir"])
+    columns = tables[0].columns if tables else COLUMNS  # every table of one call has the same columns
+    writer.writerow(["target", "rank", "method", *columns, "avg_gain", "best", "second", "run_dir"])
     for table in tables:
         for row in table.rows:
             writer.writerow([table.target, "" if row.rank is None else row.rank, row.method,
-                             *("-" if row.values[c] is None else f"{row.values[c]:.2f}" for c in COLUMNS),
+                             *("-" if row.values[c] is None else f"{row.values[c]:.2f}" for c in columns),
                              "" if row.avg_gain is None else f"{row.avg_gain:.2f}",
                              ";".join(row.best), ";".join(row.second), row.run_dir])
     return buffer.getvalue()
 
 
 def to_json(tables: Sequence[Table]) -> str:
-    payload = {"columns": list(COLUMNS), "tables": [
+    columns = tables[0].columns if tables else COLUMNS
+    payload = {"columns": list(columns), "tables": [
         {"target": t.target, "target_name": TARGETS[t.target], "rows": [
-            {"method": r.method, "rank": r.rank, "run_dir": r.run_dir, "values": r.values,
-             "display": {c: cell_text(r, c) for c in COLUMNS}, "best": r.best, "second": r.second,
+            {"method": r.method, "rank": r.rank, "run_dir": r.run_dir,
+             "values": {c: r.values[c] for c in columns if c in r.values},
+             "display": {c: cell_text(r, c) for c in columns}, "best": r.best, "second": r.second,
              "avg_gain": r.avg_gain} for r in t.rows]} for t in tables]}
     return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
 

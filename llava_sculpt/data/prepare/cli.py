@@ -4,6 +4,11 @@ into LLaVA-1.5 training JSON and evaluation question JSON lines.
     llava-sculpt prepare {iconqa,coco,okvqa,ocrvqa,gqa,textvqa} (--raw-dir RAW | --hf-dataset NAME_OR_DIR)
         --out-dir OUT [--split S] [--num-train 10000] [--num-test N|all] [--seed 0] [--image-root DIR]
         [--skip-missing-images]
+    llava-sculpt prepare knowledge --out-dir OUT [--num-test N|all] [--seed 0]
+
+knowledge needs no raw files: its text-only factual questions ship with llava-sculpt (see
+llava_sculpt/eval/knowledge.py); it writes questions.jsonl, annotations.jsonl, sampled_ids.json and
+manifest.json (image_folder = OUT, unused).
 
 --hf-dataset reads the benchmark as a Hugging Face dataset instead (a hub name such as
 lmms-lab-encoder/OK-VQA, lmms-lab-encoder/textvqa, lmms-lab-encoder/GQA, lmms-lab-encoder/ICON-QA,
@@ -99,7 +104,8 @@ from typing import Sequence
 from llava_sculpt.errors import UserError, run_cli
 from llava_sculpt.data.prepare.common import PrepareOptions, Prepared, warn, write_json, write_jsonl
 
-DATASETS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa")
+DATASETS = ("iconqa", "coco", "okvqa", "ocrvqa", "gqa", "textvqa", "knowledge")
+BUILT_IN_DATASETS = ("knowledge",)  # ship with llava-sculpt: no --raw-dir / --hf-dataset
 TARGET_DATASETS = ("iconqa", "coco")
 DEFAULT_NUM_TRAIN = 10000
 
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("dataset", choices=DATASETS)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()  # one is required, except for the built-in datasets
     source.add_argument("--raw-dir", type=Path, help="folder with the official raw files")
     source.add_argument("--hf-dataset", metavar="NAME_OR_DIR",
                         help="the benchmark as a Hugging Face dataset: a hub name (lmms-eval's are now "
@@ -205,6 +211,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--num-test 0 would write no questions; give a positive number or 'all'.")
     if args.dataset not in TARGET_DATASETS and args.num_train not in (0, DEFAULT_NUM_TRAIN):
         warn(f"--num-train is ignored for {args.dataset}: only iconqa and coco get a train.json.")
+    if args.dataset in BUILT_IN_DATASETS:
+        if args.raw_dir is not None or args.hf_dataset is not None:
+            raise UserError(f"{args.dataset} ships with llava-sculpt: give only --out-dir (no --raw-dir / --hf-dataset).")
+        opts = PrepareOptions(dataset=args.dataset, raw_dir=Path("."), out_dir=args.out_dir, image_root=args.out_dir,
+                              split=args.split, num_train=0, num_test=args.num_test, seed=args.seed)
+        result = prepare(opts)
+        files = write_outputs(opts, result)
+        _report(opts, result, files)
+        return 0
+    if args.raw_dir is None and args.hf_dataset is None:
+        raise UserError(f"prepare {args.dataset}: give --raw-dir RAW (the official files) or --hf-dataset NAME_OR_DIR.")
     if args.hf_dataset is not None:
         opts, result, source = _main_hf(args)
         files = write_outputs(opts, result, source)
