@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llava_sculpt.demo", "the paper's Table 1 in miniature on CPU: tiny LLaVA, synthetic world, seeds, figures"),
     "world": ("llava_sculpt.demo:world_main", "build or reuse the demo's pre-trained tiny model and synthetic benchmarks"),
     "tiny": ("llava_sculpt.model.tiny", "build the embedded tiny LLaVA-1.5-shaped model and synthetic data"),
+    "compose": ("llava_sculpt.model.compose", "assemble a LLaVA-1.5 checkpoint from a causal LM (folder or .gguf) and a CLIP tower"),
     "convert": ("llava_sculpt.model.convert", "convert an original LLaVA-1.5 checkpoint to Hugging Face format"),
     "merge": ("llava_sculpt.merge", "merge a trained adapter (+ projector) into a plain HF checkpoint"),
     "sparse-adapter": ("llava_sculpt.methods.sparse_adapter", "pack / unpack the sparse LoRASculpt adapter format"),
