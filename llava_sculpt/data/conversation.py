@@ -17,6 +17,16 @@ The tokenizer sees the whole prompt as one string (exactly what it sees at infer
 tokens are found from character offsets: a token is labelled when its span overlaps an answer's span.
 The `<image>` placeholder is one special token, expanded afterwards to `num_image_tokens` copies, the
 number of visual features the model inserts (what HF's LlavaProcessor does at inference).
+
+`plain` (LLaVA's pretraining template, `--version plain`, used with `--tune_mm_mlp_adapter True`): a sample is
+one image and one caption; the human turn is replaced by the image alone and the text is
+
+    "<image>" + caption + "\n"
+
+tokenised as LLaVA's `preprocess_plain` does: BOS (when the tokenizer adds one), the image token, then the
+caption and its "\n" tokenised on their own (no special tokens), so that the caption's first word is tokenised
+as at the start of a text.  Only the caption and its "\n" carry labels; BOS and the image tokens are
+IGNORE_INDEX.  No eos token is added (LLaVA's stage 1 has none).
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ class ConversationTemplate:
     roles: tuple[str, str]  # (user, assistant)
     sep: str  # after the system line and after each user turn
     sep2: str  # after each assistant turn; replaced by the tokenizer's eos token (see `end_of_turn`)
+    style: str = "two"  # "two": vicuna_v1's turns; "plain": LLaVA's pretraining template (`tokenize_plain`)
 
 
 VICUNA_V1 = ConversationTemplate(
@@ -45,9 +56,10 @@ VICUNA_V1 = ConversationTemplate(
     sep=" ",
     sep2="</s>",
 )
-# LLaVA's `--version v1` selects the same template.  (Pre-training's `plain` template is out of scope:
-# this toolkit fine-tunes an already aligned LLaVA-1.5.)
-TEMPLATES = {"vicuna_v1": VICUNA_V1, "v1": VICUNA_V1, "llava_v1": VICUNA_V1}
+# LLaVA's conv_llava_plain: no system line, no roles, "\n" after the caption
+PLAIN = ConversationTemplate(name="plain", system="", roles=("", ""), sep="\n", sep2="\n", style="plain")
+# LLaVA's `--version v1` selects the same template.
+TEMPLATES = {"vicuna_v1": VICUNA_V1, "v1": VICUNA_V1, "llava_v1": VICUNA_V1, "plain": PLAIN}
 
 
 def get_template(name: str) -> ConversationTemplate:
@@ -62,6 +74,8 @@ def end_of_turn(template: ConversationTemplate, tokenizer) -> str:
 
     Raises a UserError when the eos token written in text does not tokenise to the eos token id (it is not
     registered as a special/added token), since the model would then be trained on its characters."""
+    if template.style == "plain":  # the caption ends with "\n", never with eos
+        return template.sep2
     eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
     if not eos or eos_id is None:
         return template.sep2
@@ -136,6 +150,11 @@ def tokenize_conversation(tokenizer, template: ConversationTemplate, turns: list
         in_answer = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
         input_ids.append(tok_id)
         labels.append(tok_id if in_answer else IGNORE_INDEX)
+    return _truncate(input_ids, labels, max_length, image_token_id, num_image_tokens, where)
+
+
+def _truncate(input_ids: list[int], labels: list[int], max_length: int, image_token_id: int,
+              num_image_tokens: int, where: str) -> dict:
     if len(input_ids) > max_length:
         # Cutting through the block of image tokens would leave the model with more image features than
         # placeholders; LLaVA cuts embeddings after expansion, which HF's model cannot do.
@@ -146,6 +165,28 @@ def tokenize_conversation(tokenizer, template: ConversationTemplate, turns: list
     return {"input_ids": input_ids, "labels": labels}
 
 
+def tokenize_plain(tokenizer, caption: str, num_image_tokens: int, image_token_id: int, max_length: int,
+                   where: str = "sample") -> dict:
+    """LLaVA's `preprocess_plain` for one (image, caption) sample: [BOS] + image tokens + tokens of
+    caption + "\n"; labels IGNORE_INDEX on BOS and the image tokens, the token ids on the rest.
+
+    As LLaVA's `tokenizer_image_token`: the text after `<image>` is tokenised on its own with the tokenizer's
+    special tokens, and the BOS it starts with is dropped (kept once, at the start, when the tokenizer adds
+    one).  Returns {"input_ids", "labels"}, truncated to `max_length` like `tokenize_conversation`."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    empty = tokenizer("", add_special_tokens=True)["input_ids"]
+    bos = [bos_id] if bos_id is not None and empty[:1] == [bos_id] else []
+    text_ids = list(tokenizer(caption + PLAIN.sep, add_special_tokens=True)["input_ids"])[len(bos):]
+    if image_token_id in text_ids:
+        raise UserError(f"{where}: the caption contains the image token {IMAGE_PLACEHOLDER!r}")
+    input_ids = bos + [image_token_id] * num_image_tokens + text_ids
+    labels = [IGNORE_INDEX] * (len(bos) + num_image_tokens) + text_ids
+    return _truncate(input_ids, labels, max_length, image_token_id, num_image_tokens, where)
+
+
 def generation_prompt(template: ConversationTemplate, question: str) -> str:
-    """Single-turn prompt ending in 'ASSISTANT:' for generation (LLaVA's eval prompt)."""
+    """Single-turn prompt ending in 'ASSISTANT:' for generation (LLaVA's eval prompt); with `plain`, LLaVA's
+    plain prompt: the question followed by "\n"."""
+    if template.style == "plain":
+        return question + template.sep
     return render(template, [(question, None)])[0]

@@ -5,6 +5,10 @@ Training JSON (LLaVA's format): a list of
                                                                          {"from": "gpt", "value": "..."}, ...]}
 Image paths are relative to `--image_folder`.  Samples without "image" are text-only.  Each assistant turn
 ends with the tokenizer's eos token (`</s>` for LLaVA-1.5), labelled, so training and generation's stopping agree.
+
+With the `plain` template (`--version plain`, LLaVA's stage-1 pretraining) every sample must be an image with
+one human turn holding `<image>` and one gpt turn, the caption (LLaVA asserts the same); the human text is
+dropped and the sample is tokenised by `conversation.tokenize_plain`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llava_sculpt.data.conversation import (IGNORE_INDEX, IMAGE_PLACEHOLDER, ConversationTemplate,
-                                            conversations_to_turns, end_of_turn, tokenize_conversation)
+                                            conversations_to_turns, end_of_turn, tokenize_conversation,
+                                            tokenize_plain)
 from llava_sculpt.errors import UserError, json_error_text
 
 
@@ -102,6 +107,18 @@ def load_llava_json(data_path: str, image_folder: str | None) -> list[dict]:
     return samples
 
 
+def check_plain_samples(samples: list[dict], data_path: str) -> None:
+    """`--version plain`: each sample one image, one human turn with `<image>`, one gpt turn (the caption)."""
+    for i, sample in enumerate(samples):
+        where = f"{data_path}, sample {i} (id {sample.get('id')!r})"
+        turns = conversations_to_turns(sample["conversations"], where)
+        if "image" not in sample or len(turns) != 1 or IMAGE_PLACEHOLDER not in turns[0][0]:
+            raise UserError(f"{where}: --version plain (LLaVA's stage-1 pretraining template) needs an image sample "
+                            "with exactly one human turn holding '<image>' and one gpt turn (the caption); got "
+                            + ("a text-only sample" if "image" not in sample else f"{len(turns)} exchanges"
+                               if len(turns) != 1 else "'<image>' in the gpt turn"))
+
+
 def normalise_image_turn(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Move `<image>` to the start of the first human turn followed by a newline (LLaVA's convention)."""
     out = []
@@ -120,6 +137,8 @@ class LlavaSupervisedDataset(Dataset):
         self.data_path = data_path
         self.end_of_turn = end_of_turn(template, tokenizer)  # fails now, not at the first batch, on a bad eos
         self.samples = load_llava_json(data_path, image_folder)
+        if template.style == "plain":
+            check_plain_samples(self.samples, data_path)
         self.image_folder = image_folder
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.max_length, self.aspect_ratio = template, model_max_length, image_aspect_ratio
@@ -142,8 +161,12 @@ class LlavaSupervisedDataset(Dataset):
         sample = self.samples[i]
         where = f"{self.data_path}, sample {i} (id {sample.get('id')!r})"
         turns = normalise_image_turn(conversations_to_turns(sample["conversations"], where))
-        item = tokenize_conversation(self.tokenizer, self.template, turns, self.num_image_tokens,
-                                     self.image_token_id, self.max_length, where)
+        if self.template.style == "plain":  # the human turn is replaced by the image alone
+            item = tokenize_plain(self.tokenizer, turns[0][1], self.num_image_tokens, self.image_token_id,
+                                  self.max_length, where)
+        else:
+            item = tokenize_conversation(self.tokenizer, self.template, turns, self.num_image_tokens,
+                                         self.image_token_id, self.max_length, where)
         item = {k: torch.tensor(v, dtype=torch.long) for k, v in item.items()}
         if "image" in sample:
             item["pixel_values"] = load_image(os.path.join(self.image_folder, sample["image"]),

@@ -10,7 +10,8 @@ A training run directory (and every `checkpoint-N` inside it) holds:
 merged / plain HF checkpoint directly.  Run directories written before the projector travelled inside the
 adapter (no `modules_to_save`) still load: their projector comes from mm_projector.safetensors.
 
-Methods without LoRA (`uses_lora = False`: --method spider, magnitude_mask) train some of the model's own
+Methods without LoRA (`uses_lora = False`: --method spider, magnitude_mask, full, and LLaVA's stage 1
+`--tune_mm_mlp_adapter True`, which also writes LLaVA's mm_projector.bin) train some of the model's own
 tensors; their runs hold, instead of the adapter files,
     partial_model.safetensors   the trained tensors only, keys as in the model's state_dict
     partial_model.json          {"base_model_name_or_path": absolute path, "method", "tensors": [keys]}

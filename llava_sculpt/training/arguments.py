@@ -2,6 +2,7 @@
 Face `TrainingArguments` flag, and `--method` with each method's own flags; parsing them into dataclasses."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -17,7 +18,8 @@ from llava_sculpt.methods import METHODS, get_method_class
 class ModelArguments:
     model_name_or_path: str = field(default=None, metadata={"help": "local Hugging Face LLaVA-1.5 checkpoint "
                                     "(e.g. llava-1.5-7b-hf); original LLaVA checkpoints: `llava-sculpt convert` first"})
-    version: str = field(default="v1", metadata={"help": "conversation template: v1 / vicuna_v1 (LLaVA-1.5)"})
+    version: str = field(default="v1", metadata={"help": "conversation template: v1 / vicuna_v1 (LLaVA-1.5 "
+                         "fine-tuning), plain (LLaVA's stage-1 pretraining: <image> + caption + newline)"})
     vision_tower: str | None = field(default=None, metadata={"help": "LLaVA flag; the HF checkpoint contains its "
                                      "tower, so this is only checked against it (patch size / image size)"})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "LLaVA flag; HF LLaVA-1.5 has the "
@@ -29,7 +31,9 @@ class ModelArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (portable default), "
                                      "flash_attention_2 (GPU, needs flash-attn; LLaVA's train_mem.py) or eager",
                                      "choices": ["sdpa", "flash_attention_2", "eager"]})
-    method: str = field(default="lora", metadata={"help": f"fine-tuning method: {', '.join(sorted(METHODS))}"})
+    method: str = field(default="lora", metadata={"help": f"fine-tuning method: {', '.join(sorted(METHODS))}; "
+                        "projector = LLaVA's stage 1 (--tune_mm_mlp_adapter True). Not given: lora, or full with "
+                        "--lora_enable False, or projector with --tune_mm_mlp_adapter True"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "LLaVA flag; patch (LLaVA-1.5: the "
                                           "CLS token dropped) is checked against the checkpoint's "
                                           "vision_feature_select_strategy (default = patch, full = cls_patch)",
@@ -39,10 +43,12 @@ class ModelArguments:
                                                 "model.mm_projector.0/2.*, or a mm_projector.safetensors) loaded "
                                                 "into the projector before training"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "LLaVA flag: True is LLaVA's stage-1 "
-                                      "projector-only pretraining, which llava-sculpt does not do (every method "
-                                      "trains LoRA + projector); only False is accepted"})
-    freeze_backbone: bool = field(default=False, metadata={"help": "LLaVA flag: the language model's own weights "
-                                  "are always frozen here (LoRA trains beside them), so True and False both mean that"})
+                                      "pretraining (pretrain.sh, with --version plain): only the projector trains, no "
+                                      "LoRA (= --method projector); writes mm_projector.bin with LLaVA's keys. LoRA "
+                                      "flags and other --method values are refused with it"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "LLaVA flag: the LoRA methods keep the language "
+                                  "model's own weights frozen (LoRA trains beside them) either way; --method full "
+                                  "refuses True"})
 
 
 @dataclass
@@ -50,7 +56,9 @@ class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA training JSON (list of {id, image, conversations})"})
     image_folder: str | None = field(default=None, metadata={"help": "folder the 'image' paths are relative to"})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad: pad to a square with the processor's "
-                                    "mean colour first (LLaVA-1.5); square: resize/crop as the processor does",
+                                    "mean colour first (LLaVA-1.5's finetune.sh); square: resize/crop as the "
+                                    "processor does (the default of stage 1, --tune_mm_mlp_adapter True, as LLaVA's "
+                                    "pretrain.sh)",
                                     "choices": ["pad", "square"]})
     lazy_preprocess: bool = field(default=True, metadata={"help": "LLaVA flag; samples are always tokenised lazily"})
     is_multimodal: bool = field(default=True, metadata={"help": "LLaVA flag, kept for compatibility"})
@@ -60,8 +68,9 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "truncate sequences (image tokens included) "
                                   "to this many tokens"})
-    lora_enable: bool = field(default=True, metadata={"help": "LLaVA flag; the LoRA methods need True; --method "
-                              "spider / magnitude_mask train without LoRA and accept either"})
+    lora_enable: bool = field(default=True, metadata={"help": "LLaVA flag; the LoRA methods need True; False "
+                              "without --method = --method full (LLaVA's full fine-tuning); --method full / spider "
+                              "/ magnitude_mask train without LoRA and accept either"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (LLaVA default 64; the paper uses 16/32/64)"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (LLaVA default 16; the paper uses 2r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -166,11 +175,65 @@ def parse_args(argv: Sequence[str] | None):
     if remaining:
         raise UserError(unknown_flags_message(parser, remaining))
     model_args, data_args, training_args, *method_flag_values = parsed
-    if not has_accelerator() and not any(a.split("=", 1)[0] == "--dataloader_pin_memory" for a in argv):
+    given = given_flags(parser, argv)
+    if not has_accelerator() and "--dataloader_pin_memory" not in given:
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns every epoch
+    resolve_method(model_args, training_args, given)
+    if model_args.method == "projector" and "--image_aspect_ratio" not in given:
+        data_args.image_aspect_ratio = "square"  # LLaVA's default, which its pretrain.sh keeps (finetune.sh: pad)
     method_cls = get_method_class(model_args.method)
     flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
     return model_args, data_args, training_args, method_cls(flags)
+
+
+def given_flags(parser, argv: Sequence[str]) -> set[str]:
+    """The flags written on the command line (`--flag value` or `--flag=value`; an unambiguous abbreviation, which
+    argparse accepts, as the full name; `--no_flag` as `--flag`)."""
+    known = {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name not in known:
+            matches = [o for o in known if o.startswith(name)]
+            name = matches[0] if len(matches) == 1 else name
+        given.add("--" + name[len("--no_"):] if name.startswith("--no_") and "--" + name[5:] in known else name)
+    return given
+
+
+# Flags that only a LoRA run uses: with LLaVA's stage 1 they would be ignored, so giving one is an error
+_LORA_FLAGS = ("--lora_r", "--lora_alpha", "--lora_dropout", "--lora_bias", "--lora_weight_path",
+               "--mm_projector_lora_lr", "--init_lora_weights", "--corda_data", "--corda_image_folder",
+               "--corda_method", "--corda_samples", "--eva_batch_size", "--double_quant", "--quant_type")
+
+
+def resolve_method(model_args, training_args, given: set[str]) -> None:
+    """The method when --method is not given: projector with --tune_mm_mlp_adapter True (LLaVA's stage 1; also
+    --method projector sets that flag), full with --lora_enable False, else lora.  Stage 1 trains the projector
+    alone: an explicit other --method, LoRA flag or method flag is refused (it would be ignored)."""
+    explicit = "--method" in given
+    if explicit and model_args.method == "projector":
+        model_args.tune_mm_mlp_adapter = True
+    if model_args.tune_mm_mlp_adapter:
+        why = "--tune_mm_mlp_adapter True" if "--tune_mm_mlp_adapter" in given else "--method projector"
+        stage1 = f"{why} is LLaVA's stage-1 pretraining (only the projector trains; no LoRA)"
+        if explicit and model_args.method != "projector":
+            raise UserError(f"{stage1}: --method {model_args.method} would be ignored; drop --method, or drop "
+                            f"--tune_mm_mlp_adapter to fine-tune with --method {model_args.method}")
+        ignored = [f for f in _LORA_FLAGS if f in given]
+        ignored += [f"--{f.name}" for cls in METHODS.values() if cls.flags_class is not None
+                    for f in dataclasses.fields(cls.flags_class) if f"--{f.name}" in given]
+        if "--lora_enable" in given and training_args.lora_enable:
+            ignored.insert(0, "--lora_enable True")
+        if training_args.bits != 16:
+            ignored.append(f"--bits {training_args.bits}")
+        if ignored:
+            raise UserError(f"{stage1}: {', '.join(ignored)} would be ignored; drop "
+                            f"{'it' if len(ignored) == 1 else 'them'}")
+        model_args.method = "projector"
+    elif not explicit and not training_args.lora_enable:
+        model_args.method = "full"  # LLaVA's finetune.sh with --lora_enable False
 
 
 # LLaVA-1.5's scripts were written for transformers 4.31; flags renamed since, mapped to today's name

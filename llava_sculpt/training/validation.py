@@ -32,8 +32,9 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
     if not training_args.lora_enable and uses_lora:
         raise UserError(f"--lora_enable False (full fine-tuning of the language model) is not supported by --method "
                         f"{model_args.method}, which trains LoRA adapters; drop the flag or pass --lora_enable True "
-                        f"(--method {'/'.join(sorted(m for m, c in METHODS.items() if not c.uses_lora))} fine-tune "
-                        "the last decoder layers without LoRA)")
+                        "(without --method, --lora_enable False is --method full: LLaVA's full fine-tuning; "
+                        f"--method {'/'.join(sorted(m for m, c in METHODS.items() if not c.uses_lora))} train "
+                        "without LoRA)")
     if not uses_lora and (training_args.lora_weight_path or training_args.bits != 16):
         raise UserError(f"--method {model_args.method} fine-tunes the model's own weights (no LoRA): "
                         "--lora_weight_path and --bits 4/8 do not apply")
@@ -56,10 +57,13 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
                             "its own tower, so the flag is only checked — drop it or use the matching checkpoint")
         print(f"note: --vision_tower {model_args.vision_tower} is not loaded: the tower inside {ckpt} is used "
               f"(patch {vision.patch_size}, image {vision.image_size})")
-    if model_args.tune_mm_mlp_adapter:
-        raise UserError("--tune_mm_mlp_adapter True is LLaVA's stage-1 pretraining (projector only, language model "
-                        "untouched); llava-sculpt fine-tunes LoRA + projector (stage 2). Drop the flag; to start "
-                        "from a stage-1 projector pass --pretrain_mm_mlp_adapter mm_projector.bin")
+    if model_args.method == "projector" and training_args.freeze_mm_mlp_adapter:
+        raise UserError("--freeze_mm_mlp_adapter True with LLaVA's stage-1 pretraining (--tune_mm_mlp_adapter True, "
+                        "which trains only the projector) leaves nothing to train; drop one of them")
+    if model_args.method == "full" and model_args.freeze_backbone:
+        raise UserError("--freeze_backbone True with --method full (LLaVA's full fine-tuning of the language model) "
+                        "leaves only the projector to train; drop it, or pass --tune_mm_mlp_adapter True to train "
+                        "the projector alone")
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if (model_args.mm_vision_select_feature == "patch") != (strategy == "default"):
         raise UserError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} differs from the "
