@@ -218,9 +218,9 @@ def test_stage1_merge_gives_a_plain_checkpoint_stage2_starts_from(stage1_run, ti
 
 def test_llava_pretrain_sh_flags_run_as_pasted(tiny_dir, captions, tmp_path):
     """LLaVA-1.5's scripts/v1_5/pretrain.sh, only paths replaced.  Not passed: --deepspeed ./scripts/zero2.json
-    (one CPU process of DeepSpeed took 3.5 min here for this run: too slow for the suite), --tf32 True (transformers refuses it without an Ampere GPU), --report_to wandb
-    (not installed here: --report_to none); added: --use_cpu True (transformers 5 refuses --bf16 True on a CPU
-    without it)."""
+    (one CPU process of DeepSpeed took 3.5 min here for such a run: too slow for the suite), --tf32 True
+    (transformers refuses it without an Ampere GPU), --report_to wandb (not installed here: --report_to none);
+    added: --use_cpu True (transformers 5 refuses --bf16 True on a CPU without it)."""
     from llava_sculpt.cli import main
 
     config = json.loads((tiny_dir / "model" / "config.json").read_text())["vision_config"]
