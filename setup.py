@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llava_sculpt", "llava_sculpt.*"]),
+    package_data={"llava_sculpt": ["data/knowledge_questions.jsonl"]},  # the knowledge benchmark's list
     install_requires=[
         "torch>=2.1,<3",
         "transformers>=5.0,<6",
@@ -32,6 +33,8 @@ setup(
         "eval": ["pycocoevalcap>=1.2", "pycocotools>=2.0", "datasets>=2.16"],
         # original LLaVA checkpoints ship a SentencePiece tokenizer.model; reading it needs these
         "convert": ["sentencepiece>=0.2", "protobuf>=4"],
+        # `llava-sculpt compose --language-model X.gguf` and `make demo-real` (SmolLM2's GGUF weights)
+        "real": ["gguf>=0.10"],
         "dev": ["pytest>=7", "pytest-timeout"],
         # --report_to wandb / tensorboard
         "wandb": ["wandb"],

@@ -228,7 +228,8 @@ def _aggregate(curves: list[list[dict]], key: str) -> list[tuple[float, float, f
 def plot_eval_curves(groups: dict, out_png: str, band: str = "minmax", title: str | None = None,
                      start: dict | None = None, start_questions: int | None = None, note: str | None = None) -> dict:
     """The paper's Fig. 3 for groups of runs: {label: [run dir (or eval_curve.jsonl), ...]} -> two panels
-    (source mean, target) versus epoch, one line per group: the mean over its runs, with a shaded band
+    (source mean, target) versus epoch (three when the runs scored a knowledge-role benchmark: its mean between
+    them), one line per group: the mean over its runs, with a shaded band
     (`band`: "minmax", "std" = mean +- population std, or "none") where a group has several runs.  Written
     atomically to `out_png` (left untouched when it already holds this figure).  `start` ({"source_mean":
     float, "target": float}, e.g. the base model's scores on the same questions, `start_questions` of them
@@ -290,10 +291,12 @@ def eval_curves_figure(groups: dict, band: str = "minmax", title: str | None = N
     if not any(info["points"] for info in summary.values()):
         raise UserError(f"no evaluation points in the {CURVE_FILE} of {', '.join(summary)} (has training reached "
                         "its first evaluation point?)")
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
     panels = [("source_mean", "Source", roles["source"]), ("target", "Target", roles["target"])]
-    axes = [fig.add_subplot(1, 2, k + 1) for k in range(2)]
+    if roles.get("knowledge"):  # eval/knowledge.json (real facts of a real language model): a third panel
+        panels.insert(1, ("knowledge", "Knowledge", roles["knowledge"]))
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, len(panels), k + 1) for k in range(len(panels))]
     colours = [f"C{k % 10}" for k in range(len(loaded))]
     for ax, (key, name, benchmarks) in zip(axes, panels):
         drawn = False

