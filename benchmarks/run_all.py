@@ -1,6 +1,6 @@
 """`make bench`: run the CPU benchmarks and print one summary table of the targets (PASS / MISS).
 
-    python benchmarks/run_all.py [--only layer,step,generate,adapter,omp] [--quick] [--out playground/bench/summary.json]
+    python benchmarks/run_all.py [--only layer,step,generate,adapter,omp,loss] [--quick] [--out playground/bench/summary.json]
 
     layer     bench_layer.py        CMR time / the layer's LoRA step (2048 tokens), CMR memory / dense
     step      bench_sculpt_step.py  LoRASculpt / LoRA step time, 2 Llama-7B-wide layers, 1024 and 256 tokens
@@ -8,9 +8,11 @@
     adapter   bench_adapter_size.py sparse export / dense adapter at ratio 0.1 and 0.05
     omp       bench_omp_wait.py     OMP_WAIT_POLICY=PASSIVE / libgomp's default: training time idle and with a core
                                     busy, same losses
+    loss      bench_labelled_loss.py  LM head at the labelled positions only / full logits: LoRA step time and
+                                    peak memory, SmolLM2-135M-shaped LLaVA, batch 8 x ~100 tokens; same loss
 
 Each benchmark runs in its own process and measures its compared variants side by side (alternating, median).
-The summary goes to stdout and, as JSON, to --out (playground/ is git-ignored).  About 6-8 minutes on 2 CPU
+The summary goes to stdout and, as JSON, to --out (playground/ is git-ignored).  About 8-10 minutes on 2 CPU
 cores; --quick (fewer repeats, 1 layer, no 256-token step) about half.  Timings on a shared machine are
 noisy: rerun before quoting them.  OMP_WAIT_POLICY=PASSIVE is set for the benchmarks unless already set
 (see bench_common.py: it keeps other jobs on the machine from inflating the many short parallel regions).
@@ -38,6 +40,7 @@ BENCHES = {  # name -> (script, extra args, quick args)
     "generate": ("bench_generate.py", [], ["--reps", "1"]),
     "adapter": ("bench_adapter_size.py", [], ["--layers", "1"]),
     "omp": ("bench_omp_wait.py", [], ["--steps", "10", "--reps", "1"]),
+    "loss": ("bench_labelled_loss.py", [], ["--reps", "1", "--no-memory"]),
 }
 
 

@@ -146,14 +146,11 @@ def _collate(pool, indices, pad_id):
 
 
 def answer_loss(model, ids, labels, mask, pixels) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens, with the LM head applied to those only."""
-    from llava_sculpt.data.conversation import IGNORE_INDEX
+    """Mean next-token cross-entropy over the labelled tokens, with the LM head applied to those only (the
+    training loss of every run, training/loss.py)."""
+    from llava_sculpt.training.loss import labelled_loss
 
-    hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return labelled_loss(model, labels, input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
 def pretrain_world(model, processor, steps: int, seed: int = 0, log=print) -> list[float]:

@@ -85,6 +85,28 @@ class LlavaSculptTrainer(transformers.Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
+    def _labelled_head(self, model, inputs, return_outputs):
+        """The output embedding module when the training loss may be computed at the labelled positions only
+        (training/loss.py), else None: the Trainer's own path, with full logits, when the model is not training
+        (evaluation), the caller wants the outputs, a label smoother or compute_loss_func needs the logits,
+        the batch has no labels or brings its own shift_labels, the model's forward takes no **kwargs (it could
+        not pass shift_labels on to its loss), its loss is not ForCausalLMLoss, it has no output embeddings,
+        under DeepSpeed sequence parallelism, or with LLAVA_SCULPT_FULL_LOGITS=1 in the environment."""
+        if (os.environ.get("LLAVA_SCULPT_FULL_LOGITS", "0") not in ("", "0") or not model.training or return_outputs
+                or self.label_smoother is not None or self.compute_loss_func is not None
+                or "labels" not in inputs or "shift_labels" in inputs or not self.model_accepts_loss_kwargs):
+            return None
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            return None
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        if getattr(base, "loss_function", None) is not ForCausalLMLoss or not hasattr(base, "get_output_embeddings"):
+            return None
+        return base.get_output_embeddings()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Task loss normalised as --loss_normalization says, plus the method's penalty once per optimizer step.
 
@@ -93,12 +115,25 @@ class LlavaSculptTrainer(transformers.Trainer):
         sums the cross-entropy and divides by it; the Trainer then does not divide by the accumulation steps and
         multiplies by the number of processes to undo DDP's gradient averaging.  llava withholds it: the model
         returns its mean over this micro-batch's own label tokens, which is divided by the accumulation steps,
-        and DDP averages the processes' gradients (LLaVA-1.5 on transformers 4.31)."""
+        and DDP averages the processes' gradients (LLaVA-1.5 on transformers 4.31).
+
+        In training the LM head is applied at the labelled positions only (training/loss.py: the same loss and
+        gradients as full logits, N x V logits instead of B x T x V); the model is still called through the
+        Trainer's compute_loss and its own forward, with `shift_labels`.  `_labelled_head` lists when the
+        Trainer's full-logits path is taken instead."""
         mode = self.args.loss_normalization
         if mode not in ("llava", "global_tokens"):
             raise UserError(f"--loss_normalization must be llava or global_tokens, got {mode!r}")
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch if mode == "global_tokens" else None)
+        count = num_items_in_batch if mode == "global_tokens" else None
+        head = self._labelled_head(model, inputs, return_outputs)
+        if head is None:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=count)
+        else:
+            from llava_sculpt.training.loss import labelled_logits
+
+            with labelled_logits(head, inputs["labels"]) as targets:
+                result = super().compute_loss(model, {**inputs, "shift_labels": targets},
+                                              return_outputs=return_outputs, num_items_in_batch=count)
         if not model.training:
             return result
         loss, outputs = result if return_outputs else (result, None)
