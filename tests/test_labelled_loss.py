@@ -1,6 +1,6 @@
 """The training loss with the LM head applied at the labelled positions only (training/loss.py): the same loss
 and gradients as HF's `model(**batch).loss` and as a float64 computation by hand, directly, through PEFT, and
-through the Trainer (`llava-sculpt train`) against the full-logits path (LLAVA_SCULPT_FULL_LOGITS=1)."""
+through the Trainer (`llava-sculpt train`) against the full-logits path (--full_logits True)."""
 from __future__ import annotations
 
 import copy
@@ -179,7 +179,7 @@ def test_through_peft_lora_with_lm_head_adapted(tiny_model):
 
 
 def test_fallbacks_keep_full_logits(tiny_model):
-    """Evaluation and return_outputs get the Trainer's own path (full logits); so does LLAVA_SCULPT_FULL_LOGITS=1."""
+    """Evaluation and return_outputs get the Trainer's own path (full logits); so does --full_logits True."""
     import transformers
 
     from llava_sculpt.training.trainer import LlavaSculptTrainer
@@ -187,6 +187,7 @@ def test_fallbacks_keep_full_logits(tiny_model):
     trainer = LlavaSculptTrainer.__new__(LlavaSculptTrainer)  # only the attributes _labelled_head reads
     trainer.label_smoother, trainer.compute_loss_func, trainer.model_accepts_loss_kwargs = None, None, True
     trainer.accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()
+    trainer.args = type("Args", (), {"full_logits": False})()
     batch = make_batch(tiny_model.config, 5)
     tiny_model.train()
     assert trainer._labelled_head(tiny_model, batch, False) is tiny_model.lm_head
@@ -195,9 +196,10 @@ def test_fallbacks_keep_full_logits(tiny_model):
     trainer.label_smoother = transformers.trainer_pt_utils.LabelSmoother(0.1)
     assert trainer._labelled_head(tiny_model, batch, False) is None
     trainer.label_smoother = None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAVA_SCULPT_FULL_LOGITS", "1")
-        assert trainer._labelled_head(tiny_model, batch, False) is None
+    trainer.args.full_logits = True
+    assert trainer._labelled_head(tiny_model, batch, False) is None
+    trainer.args.full_logits = False
+    assert trainer._labelled_head(tiny_model, batch, False) is tiny_model.lm_head
     tiny_model.eval()
     assert trainer._labelled_head(tiny_model, batch, False) is None
 
@@ -213,7 +215,7 @@ RUNS = {  # name -> (--loss_normalization, extra flags)
 @pytest.mark.parametrize("run", list(RUNS))
 def test_training_runs_match_the_full_logits_path(tiny_dir, tmp_path, monkeypatch, run):
     """`llava-sculpt train` with gradient accumulation 2: the same logged losses and trained tensors (every
-    .safetensors the run writes) with the labelled-only head as with full logits (LLAVA_SCULPT_FULL_LOGITS=1),
+    .safetensors the run writes) with the labelled-only head as with full logits (--full_logits True),
     for PEFT LoRA, DoRA under gradient checkpointing, AsymLoRA's custom modules and full training (SPIDER); the
     labelled path is really taken (once per micro-batch)."""
     import llava_sculpt.training.loss as loss_module
@@ -229,12 +231,9 @@ def test_training_runs_match_the_full_logits_path(tiny_dir, tmp_path, monkeypatc
     mode, flags = RUNS[run]
     results = {}
     for path in ("full", "labelled"):
-        if path == "full":
-            monkeypatch.setenv("LLAVA_SCULPT_FULL_LOGITS", "1")
-        else:
-            monkeypatch.delenv("LLAVA_SCULPT_FULL_LOGITS")
         out = tmp_path / path
-        run_train(tiny_dir, out, "--loss_normalization", mode, "--gradient_accumulation_steps", "2", *flags, steps=2)
+        run_train(tiny_dir, out, "--loss_normalization", mode, "--gradient_accumulation_steps", "2", *flags,
+                  "--full_logits", str(path == "full"), steps=2)
         results[path] = (logged_losses(out), {f.name: load_safetensors(f) for f in out.glob("*.safetensors")})
         assert len(used) == (0 if path == "full" else 4)  # 2 steps x 2 micro-batches
     (loss_full, saved_full), (loss_ours, saved_ours) = results["full"], results["labelled"]
@@ -280,16 +279,14 @@ def test_deepspeed_zero3_matches_the_full_logits_path(tiny_dir, tmp_path, monkey
     (tmp_path / "probe.py").write_text(ZERO3_PROBE)
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("LLAVA_SCULPT_FULL_LOGITS", None)
     zero = tmp_path / "zero3"
     proc = subprocess.run([sys.executable, str(tmp_path / "probe.py"),
                            *train_args(tiny_dir, zero, "--deepspeed", tmp_path / "zero3.json", steps=2)],
                           env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LABELLED-CALLS 2 ['Linear']" in proc.stdout, proc.stdout[-2000:]
-    monkeypatch.setenv("LLAVA_SCULPT_FULL_LOGITS", "1")
     plain = tmp_path / "plain"
-    assert run_train(tiny_dir, plain, steps=2) == 0
+    assert run_train(tiny_dir, plain, "--full_logits", "True", steps=2) == 0
     assert logged_losses(zero) == pytest.approx(logged_losses(plain), rel=1e-5, abs=1e-6)
     for name in ["adapter_model.safetensors", "mm_projector.safetensors"]:
         ref, got = load_safetensors(plain / name), load_safetensors(zero / name)

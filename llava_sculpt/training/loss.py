@@ -64,7 +64,7 @@ def labelled_logits(head: torch.nn.Module, labels: torch.Tensor, ignore_index: i
         handle.remove()
     if not calls:
         raise UserError(f"this model does not compute its logits through get_output_embeddings() "
-                        f"({type(head).__name__}); train it with LLAVA_SCULPT_FULL_LOGITS=1")
+                        f"({type(head).__name__}); train it with --full_logits True")
 
 
 def labelled_loss(model, labels: torch.Tensor, **inputs) -> torch.Tensor:

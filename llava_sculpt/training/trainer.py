@@ -91,8 +91,8 @@ class LlavaSculptTrainer(transformers.Trainer):
         (evaluation), the caller wants the outputs, a label smoother or compute_loss_func needs the logits,
         the batch has no labels or brings its own shift_labels, the model's forward takes no **kwargs (it could
         not pass shift_labels on to its loss), its loss is not ForCausalLMLoss, it has no output embeddings,
-        under DeepSpeed sequence parallelism, or with LLAVA_SCULPT_FULL_LOGITS=1 in the environment."""
-        if (os.environ.get("LLAVA_SCULPT_FULL_LOGITS", "0") not in ("", "0") or not model.training or return_outputs
+        under DeepSpeed sequence parallelism, or with --full_logits True."""
+        if (getattr(self.args, "full_logits", False) or not model.training or return_outputs
                 or self.label_smoother is not None or self.compute_loss_func is not None
                 or "labels" not in inputs or "shift_labels" in inputs or not self.model_accepts_loss_kwargs):
             return None
