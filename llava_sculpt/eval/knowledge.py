@@ -13,14 +13,15 @@ Its rules (checked by `check_rules`, at every load and in tests/test_knowledge.p
   * "answers" lists every usual spelling / alias ("8" and "eight"; "Shakespeare" and "William Shakespeare");
     each has at most 3 words (split on white space: "fifty-six" is one word);
   * no accepted answer occurs, normalised and as a whole-word sequence, in its own question or in the
-    short-answer suffix the prompt carries, so that echoing the prompt never scores;
+    short-answer suffix (LLaVA-1.5's, which the prepared questions do not carry but a user may add), so that
+    echoing the prompt never scores;
   * only facts that do not change over time (no office holders, no populations, no records).
 
 Prepared layout (`llava-sculpt prepare knowledge --out-dir DATA_ROOT/knowledge`, no raw files):
-    questions.jsonl    {"question_id": id, "text": question + "\\nAnswer the question using a single word or
-                       phrase.", "category": domain}, no "image": text-only questions.  Order: the domains in
-                       turn (round robin, each in file order), so that the first N questions (--max-questions)
-                       cover every domain.
+    questions.jsonl    {"question_id": id, "text": question (no short-answer suffix: see
+                       data/prepare/knowledge.py), "category": domain}, no "image": text-only questions.
+                       Order: the domains in turn (round robin, each in file order), so that the first N
+                       questions (--max-questions) cover every domain.
     annotations.jsonl  {"question_id", "question", "answers", "domain"}
 
 Match rule (`is_correct`): a prediction is correct when, after `normalize` of both sides, any accepted answer
