@@ -1,5 +1,6 @@
 """`python -m llava_sculpt.transform {dare,tailor,intruders} --model-path RUN_DIR [--model-base BASE]
 --output-dir OUT [flags]`
+`python -m llava_sculpt.transform prune --model-path RUN_DIR --ratio S [--on factors|product] [--output-dir OUT]`
 
 Post-training baselines of the paper's Table 1, applied to an already-trained LoRA run (adapter + trained
 projector, e.g. the output of `llava-sculpt train --method lora`):
@@ -10,9 +11,13 @@ projector, e.g. the output of `llava-sculpt train --method lora`):
             reset the rest to W0, OBS-compensate the kept ones; projector reset.  see methods/tailor.py
     intruders  intruder-dimension reduction (Shuttleworth et al., 2024), PEFT's reduce_intruder_dimension,
             then merged; projector as trained.                          see methods/intruders.py
+    prune   post-hoc magnitude pruning (the paper's Fig. 1(b)): keep the top S fraction of every LoRA A and B
+            (LoRASculpt's Eq. 2-3, exactly int(numel * S) each; --on product: of every B A instead), merge;
+            projector as trained.  Default output RUN_DIR/merged-prune-S.  see methods/prune.py
 
 All write a plain merged Hugging Face checkpoint (+ processor, + `transform.json` recording what was done)
-to --output-dir, atomically.  `llava-sculpt train --method dare|tailor|intruders` does the same automatically into
+to --output-dir, atomically (prune: an output of the same inputs is reused, another refused unless
+--overwrite).  `llava-sculpt train --method dare|tailor|intruders` does the same automatically into
 RUN_DIR/merged; evaluate that directory (not RUN_DIR, whose adapter is the untransformed LoRA).
 
 `--dtype auto` (default) loads, transforms and saves in the run's compute dtype (--bf16 -> bfloat16, as
@@ -35,6 +40,7 @@ if __name__ == "__main__":  # the imports below load peft -> bitsandbytes, which
 
 from llava_sculpt.methods.dare import DAREFlags, apply_dare
 from llava_sculpt.methods.intruders import IntrudersFlags, apply_intruders
+from llava_sculpt.methods.prune import ON_CHOICES, PruneFlags, apply_prune
 from llava_sculpt.methods.tailor import CalibrationData, TailorFlags, apply_tailor
 from llava_sculpt.model.load import DTYPES
 
@@ -72,11 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--version", default=None, help="conversation template (default v1)")
             g.add_argument("--model-max-length", type=int, default=None, help="truncation length (default 2048)")
             g.add_argument("--image-aspect-ratio", default=None, choices=["pad", "square"], help="default pad")
+    s = sub.add_parser("prune", help="post-hoc magnitude pruning of the LoRA factors (paper Fig. 1(b)), merged",
+                       description="Prune a trained LoRA by magnitude after training (LoRASculpt's exact-k Mask of "
+                       "Eq. 2-3 on every A and B, or on every B A with --on product), merge it, keep the trained "
+                       "projector.  See llava_sculpt/methods/prune.py.")
+    s.add_argument("--model-path", required=True, help="LoRA run or checkpoint-N directory")
+    s.add_argument("--ratio", required=True, type=float, help="fraction S of entries KEPT in every pruned matrix, "
+                   "in (0, 1] (as --sculpt_ratio: 0.1 keeps exactly int(numel * 0.1); 1 = plain merge)")
+    s.add_argument("--on", default="factors", choices=ON_CHOICES, help="factors (default): prune A and B "
+                   "separately, as LoRASculpt's Eq. 2-3; product: prune the update B A of each layer itself")
+    s.add_argument("--output-dir", default=None, help="where to write the merged checkpoint (default "
+                   "MODEL_PATH/merged-prune-S, e.g. merged-prune-0.1)")
+    s.add_argument("--overwrite", action="store_true", help="replace an --output-dir that holds another result "
+                   "(one of the same inputs is reused anyway)")
+    s.add_argument("--model-base", default=None, help="base checkpoint (default: the one the adapter records)")
+    s.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)], help="dtype the run is loaded, "
+                   "pruned and saved in (default auto: the run's compute dtype from RUN_DIR/run_args.json)")
+    s.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.transform == "prune":
+        out, reused = apply_prune(args.model_path, args.output_dir, args.model_base, PruneFlags(args.ratio, args.on),
+                                  args.dtype, args.device, overwrite=args.overwrite)
+        print(f"prune: reusing {out}: it already holds this pruned merge (transform.json)" if reused
+              else f"prune: merged checkpoint written to {out}")
+        return 0
     if args.transform == "dare":
         flags = DAREFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DAREFlags)})
         out = apply_dare(args.model_path, args.output_dir, args.model_base, flags, args.dtype, args.device)
