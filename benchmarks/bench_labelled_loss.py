@@ -1,4 +1,4 @@
-"""The training loss with the LM head at the labelled positions only (training/loss.py) against HF's full-logits
+"""The training loss with the LM head at the labelled positions only (model/labelled_loss.py) against HF's full-logits
 `model(**batch).loss`: time and peak memory of one LoRA forward + backward step.
 
     python benchmarks/bench_labelled_loss.py [--layers 30] [--batch 8] [--tokens 100] [--answer 10]
@@ -72,7 +72,7 @@ def build(layers: int, batch: int, tokens: int, answer: int, seed: int = 0):
 
 def step_fns(model, batch) -> dict:
     """The two variants of one forward + backward (gradients cleared after), each returning the loss."""
-    from llava_sculpt.training.loss import labelled_loss
+    from llava_sculpt.model.labelled_loss import labelled_loss
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 

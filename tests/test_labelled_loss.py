@@ -1,4 +1,4 @@
-"""The training loss with the LM head applied at the labelled positions only (training/loss.py): the same loss
+"""The training loss with the LM head applied at the labelled positions only (model/labelled_loss.py): the same loss
 and gradients as HF's `model(**batch).loss` and as a float64 computation by hand, directly, through PEFT, and
 through the Trainer (`llava-sculpt train`) against the full-logits path (--full_logits True)."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def grads(model, loss) -> dict[str, torch.Tensor]:
 
 
 def test_next_token_targets_by_hand():
-    from llava_sculpt.training.loss import next_token_targets
+    from llava_sculpt.model.labelled_loss import next_token_targets
 
     labels = torch.tensor([[IGNORE, IGNORE, 7, 8, IGNORE], [IGNORE, 5, IGNORE, IGNORE, 9]])
     keep, targets = next_token_targets(labels)
@@ -92,7 +92,7 @@ def test_next_token_targets_by_hand():
 def test_loss_and_gradients_equal_hf_loss(tiny_model, num_items):
     """Float32, as training runs: the loss and every gradient equal HF's `model(**batch).loss` (with
     num_items_in_batch: sum / D, as the Trainer's global_tokens mode) on batches mixing image and text rows."""
-    from llava_sculpt.training.loss import labelled_loss
+    from llava_sculpt.model.labelled_loss import labelled_loss
 
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     model = tiny_model.train()
@@ -114,7 +114,7 @@ def test_float64_labelled_rows_equal_the_full_computation(tiny_model):
     """The model in float64, the loss by hand: from the labelled rows only (the hook) and from all B x T logits
     (rows picked by loops) the loss and every gradient agree to float64 precision.  HF's loss (and so
     `labelled_loss`) upcasts/casts logits to float32: it matches at float32 precision."""
-    from llava_sculpt.training.loss import labelled_logits, labelled_loss
+    from llava_sculpt.model.labelled_loss import labelled_logits, labelled_loss
 
     model = copy.deepcopy(tiny_model).double().train()
     batch = make_batch(model.config, 2)
@@ -138,7 +138,7 @@ def test_float64_labelled_rows_equal_the_full_computation(tiny_model):
 
 
 def test_lm_head_sees_only_the_labelled_rows(tiny_model):
-    from llava_sculpt.training.loss import labelled_logits
+    from llava_sculpt.model.labelled_loss import labelled_logits
 
     batch = make_batch(tiny_model.config, 3)
     seen = []
@@ -160,7 +160,7 @@ def test_through_peft_lora_with_lm_head_adapted(tiny_model):
     """A PEFT LoRA model whose targets include lm_head itself: loss and LoRA gradients equal."""
     from peft import LoraConfig, get_peft_model
 
-    from llava_sculpt.training.loss import labelled_loss
+    from llava_sculpt.model.labelled_loss import labelled_loss
 
     base = copy.deepcopy(tiny_model).float().train()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)|lm_head",
@@ -218,7 +218,7 @@ def test_training_runs_match_the_full_logits_path(tiny_dir, tmp_path, monkeypatc
     .safetensors the run writes) with the labelled-only head as with full logits (--full_logits True),
     for PEFT LoRA, DoRA under gradient checkpointing, AsymLoRA's custom modules and full training (SPIDER); the
     labelled path is really taken (once per micro-batch)."""
-    import llava_sculpt.training.loss as loss_module
+    import llava_sculpt.model.labelled_loss as loss_module
 
     used = []
     original = loss_module.labelled_logits
@@ -247,7 +247,7 @@ def test_training_runs_match_the_full_logits_path(tiny_dir, tmp_path, monkeypatc
 
 ZERO3_PROBE = """
 import sys
-import llava_sculpt.training.loss as loss
+import llava_sculpt.model.labelled_loss as loss
 import llava_sculpt.train as train
 calls, original = [], loss.labelled_logits
 def counting(head, labels, *args, **kwargs):

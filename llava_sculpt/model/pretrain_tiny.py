@@ -147,8 +147,8 @@ def _collate(pool, indices, pad_id):
 
 def answer_loss(model, ids, labels, mask, pixels) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens, with the LM head applied to those only (the
-    training loss of every run, training/loss.py)."""
-    from llava_sculpt.training.loss import labelled_loss
+    training loss of every run, model/labelled_loss.py)."""
+    from llava_sculpt.model.labelled_loss import labelled_loss
 
     return labelled_loss(model, labels, input_ids=ids, attention_mask=mask, pixel_values=pixels)
 

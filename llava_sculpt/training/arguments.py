@@ -140,8 +140,8 @@ class TrainingArguments(transformers.TrainingArguments):
                                             "(default: each spec's max_new_tokens)"})
     full_logits: bool = field(default=False, metadata={"help": "apply the LM head at every position, as "
                               "transformers does (default False: in training only at the positions whose next "
-                              "token is labelled, see llava_sculpt/training/loss.py; the same loss and gradients, "
-                              "less time and memory); evaluation always computes full logits"})
+                              "token is labelled, see llava_sculpt/model/labelled_loss.py; the same loss and "
+                              "gradients, less time and memory); evaluation always computes full logits"})
     progress_every: float = field(default=-1, metadata={"help": "a progress line (step, elapsed, time left) at "
                                   "most every this many seconds; 0 = none; default -1 = 60 s when the progress "
                                   "bar is off (--disable_tqdm True), none when it is shown"})

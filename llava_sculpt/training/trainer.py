@@ -87,7 +87,7 @@ class LlavaSculptTrainer(transformers.Trainer):
 
     def _labelled_head(self, model, inputs, return_outputs):
         """The output embedding module when the training loss may be computed at the labelled positions only
-        (training/loss.py), else None: the Trainer's own path, with full logits, when the model is not training
+        (model/labelled_loss.py), else None: the Trainer's own path, with full logits, when the model is not training
         (evaluation), the caller wants the outputs, a label smoother or compute_loss_func needs the logits,
         the batch has no labels or brings its own shift_labels, the model's forward takes no **kwargs (it could
         not pass shift_labels on to its loss), its loss is not ForCausalLMLoss, it has no output embeddings,
@@ -117,7 +117,7 @@ class LlavaSculptTrainer(transformers.Trainer):
         returns its mean over this micro-batch's own label tokens, which is divided by the accumulation steps,
         and DDP averages the processes' gradients (LLaVA-1.5 on transformers 4.31).
 
-        In training the LM head is applied at the labelled positions only (training/loss.py: the same loss and
+        In training the LM head is applied at the labelled positions only (model/labelled_loss.py: the same loss and
         gradients as full logits, N x V logits instead of B x T x V); the model is still called through the
         Trainer's compute_loss and its own forward, with `shift_labels`.  `_labelled_head` lists when the
         Trainer's full-logits path is taken instead."""
@@ -129,7 +129,7 @@ class LlavaSculptTrainer(transformers.Trainer):
         if head is None:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=count)
         else:
-            from llava_sculpt.training.loss import labelled_logits
+            from llava_sculpt.model.labelled_loss import labelled_logits
 
             with labelled_logits(head, inputs["labels"]) as targets:
                 result = super().compute_loss(model, {**inputs, "shift_labels": targets},
