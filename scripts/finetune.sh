@@ -23,7 +23,21 @@
 #                  image folder, default IMAGE_FOLDER); the embedded default brings its own
 #   TARGET         iconqa | coco (only names the run)          LORA_R   16 | 32 | 64 (default 32)
 #   OUTPUT_DIR     default playground/runs/${METHOD}_${TARGET}_r${LORA_R} in this repository
-#   NUM_GPUS       default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
+#   NUM_GPUS       GPUs per node; default: all visible GPUs; 0 = CPU smoke run (no DeepSpeed, fp32, no tf32)
+# Several nodes (MASTER_ADDR / MASTER_PORT are used only with HOSTFILE or NNODES; see _paths.sh, check_launch):
+#   HOSTFILE       DeepSpeed's hostfile (`hostname slots=N` lines): run this script on ONE node (the first host),
+#                  DeepSpeed's launcher starts the others over ssh/pdsh; NUM_NODES = use its first N hosts;
+#                  NUM_GPUS, when set, is the GPUs each host uses (DeepSpeed's --num_gpus: ids 0..N-1; unset: the
+#                  slots); MASTER_ADDR default: the first host's address
+#   NNODES         torchrun instead (`python -m torch.distributed.run`): run this script on EVERY node (e.g. srun,
+#                  one task per node) with the same NNODES, MASTER_ADDR (node 0's address; required when NNODES >
+#                  1), MASTER_PORT (default 29500) and each node's own NODE_RANK in [0, NNODES); NUM_GPUS
+#                  processes a node; the Trainer starts DeepSpeed itself from DS_CONFIG
+#   global batch   per_device_train_batch_size (4) x gradient_accumulation_steps (1) x GPUs a node x nodes: the
+#                  paper's 16 on 4 GPUs; pass both flags to keep a global batch on more GPUs (README)
+#   DRY_RUN        1 = print the launch command (one line, shell-quoted, PYTHONPATH=... first) and exit 0 without
+#                  starting anything; the inputs are checked as for a real run; the embedded default is refused
+#                  (its command names the tiny model `llava-sculpt world` would first build)
 #   DS_CONFIG      default configs/zero2.json of this repository
 #   PYTHON         the interpreter of every step (default: this repository's .venv/bin/python, made by `make
 #                  install`, when it exists, else python on PATH)
@@ -35,12 +49,19 @@ REPO=$(dirname "$HERE")
 source "$HERE/_paths.sh"
 project_python "$REPO"
 resolve_paths MODEL_BASE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG WORLD_DIR RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
+check_launch
 
 METHOD=${METHOD:-lora}
 TARGET=${TARGET:-iconqa}
 LORA_R=${LORA_R:-32}
 TINY_TRAIN_FLAGS=()
 if [ -z "${MODEL_BASE:-}${DATA_PATH:-}${IMAGE_FOLDER:-}" ]; then
+  for name in HOSTFILE NNODES; do
+    [ -z "${!name:-}" ] || script_error "$name is set, but MODEL_BASE, DATA_PATH and IMAGE_FOLDER are not: the" \
+      "embedded default (the demo's tiny model) trains on this machine's CPU; set them for a run on several nodes"
+  done
+  [ "${DRY_RUN:-0}" = 0 ] || script_error "DRY_RUN=1 needs MODEL_BASE, DATA_PATH and IMAGE_FOLDER: the embedded" \
+    "default's command names the tiny model that \`llava-sculpt world\` builds first (minutes), which a dry run does not do"
   echo "MODEL_BASE, DATA_PATH and IMAGE_FOLDER are not set: fine-tuning the embedded default (the demo's pre-trained" \
        "tiny LLaVA on the synthetic $TARGET world, CPU). For LLaVA-1.5-7B set MODEL_BASE=checkpoints/llava-1.5-7b-hf" \
        "DATA_PATH=playground/data/$TARGET/train.json IMAGE_FOLDER=<its image folder>. It saves a checkpoint at each" \
@@ -70,12 +91,16 @@ case $METHOD in
       INIT_FLAGS+=(--corda_method kpm --corda_data "$CORDA_DATA" --corda_image_folder "${CORDA_IMAGE_FOLDER:-$IMAGE_FOLDER}")
     fi ;;
 esac
-if [ -z "${NUM_GPUS:-}" ]; then
+if [ -z "${NUM_GPUS:-}" ] && [ -z "${HOSTFILE:-}" ]; then  # with a hostfile its slots say how many
   NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
-[[ $NUM_GPUS =~ ^[0-9]+$ ]] || script_error "NUM_GPUS=$NUM_GPUS is not a number of GPUs (0 = CPU run)"
+[[ ${NUM_GPUS:-1} =~ ^[0-9]+$ ]] || script_error "NUM_GPUS=$NUM_GPUS is not a number of GPUs (0 = CPU run)"
+if [ -n "${HOSTFILE:-}${NNODES:-}" ] && [ "${NUM_GPUS:-1}" -eq 0 ]; then
+  script_error "NUM_GPUS=0 (a CPU run on this machine, or no GPU seen here) with ${HOSTFILE:+HOSTFILE}${NNODES:+NNODES}:" \
+    "a run on several nodes needs GPUs; set NUM_GPUS to the GPUs per node${HOSTFILE:+ or unset it (then the slots of the hostfile count)}"
+fi
 DS_CONFIG=${DS_CONFIG:-$REPO/configs/zero2.json}
-[ "$NUM_GPUS" -eq 0 ] || need_file DS_CONFIG "a DeepSpeed config, e.g. configs/zero2.json"
+[ "${NUM_GPUS:-1}" -eq 0 ] || need_file DS_CONFIG "a DeepSpeed config, e.g. configs/zero2.json"
 # no cd: extra arguments with paths (--resume_from_checkpoint ...) stay relative to the caller's folder too
 
 args=(
@@ -93,11 +118,20 @@ args=(
   --dataloader_num_workers 4 --report_to none
   --output_dir "$OUTPUT_DIR"
 )
-if [ "$NUM_GPUS" -gt 0 ]; then
-  # DeepSpeed's launcher (the `deepspeed` command) run by PYTHON, so every rank runs PYTHON too
-  exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" "$REPO/llava_sculpt/train.py" "${args[@]}" \
-    --deepspeed "$DS_CONFIG" --bf16 True --tf32 True --attn_implementation "${ATTN:-sdpa}" "$@"
+train=("$REPO/llava_sculpt/train.py" "${args[@]}"
+       --deepspeed "$DS_CONFIG" --bf16 True --tf32 True --attn_implementation "${ATTN:-sdpa}" "$@")
+# launch: exec, or with DRY_RUN=1 print the command; DeepSpeed's launcher (the `deepspeed` command) and torchrun are
+# run by PYTHON, so every rank runs PYTHON too
+if [ -n "${HOSTFILE:-}" ]; then
+  launch "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" ${NUM_NODES:+--num_nodes "$NUM_NODES"} \
+    ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
+    ${MASTER_PORT:+--master_port "$MASTER_PORT"} "${train[@]}"
+elif [ -n "${NNODES:-}" ]; then
+  launch "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NUM_GPUS" \
+    ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} ${MASTER_PORT:+--master_port "$MASTER_PORT"} "${train[@]}"
+elif [ "$NUM_GPUS" -gt 0 ]; then
+  launch "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" "${train[@]}"
 else
   [ ${#TINY_TRAIN_FLAGS[@]} -gt 0 ] || echo "no GPU: CPU run without DeepSpeed, fp32 (use the embedded model: see README)" >&2
-  exec "$PYTHON" -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "${TINY_TRAIN_FLAGS[@]}" "$@"
+  launch "$PYTHON" -m llava_sculpt.train "${args[@]}" --dataloader_num_workers 0 "${TINY_TRAIN_FLAGS[@]}" "$@"
 fi

@@ -22,6 +22,11 @@
 #   RANKS        default "16 32 64"          TARGETS  default "iconqa coco"
 #   TRAIN_ARGS   extra `llava-sculpt train` flags for every run (e.g. "--max_steps 3" for a smoke run)
 #   NUM_GPUS, BATCH_SIZE, MAX_QUESTIONS, MAX_NEW_TOKENS, COMPAT, PYTHON: see finetune.sh / eval_source_target.sh
+#   HOSTFILE [NUM_NODES MASTER_ADDR MASTER_PORT]  each training run on several nodes through DeepSpeed's launcher
+#                (finetune.sh; checked before anything starts); the evaluations run on this node. torchrun's NNODES
+#                is refused (it would need this whole script on every node, each one evaluating too)
+#   DRY_RUN      1 = print each run's training command (finetune.sh's DRY_RUN, one line a run on stdout; finished
+#                runs are skipped) and nothing else: no zero-shot, transform, evaluation or table
 #   ALLOW_NON_KARPATHY  set to 1 to accept a DATA_ROOT/coco that is not a Karpathy split (its manifest.json
 #                says karpathy false, e.g. lmms-lab(-encoder)/COCO-Caption's val2014 or val2017): by default
 #                the script refuses it, since the paper's COCO CIDEr is on the Karpathy test split
@@ -39,6 +44,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/_paths.sh"
 project_python "$(dirname "$HERE")"
 resolve_paths MODEL_BASE DATA_ROOT RUNS_DIR CORDA_DATA CORDA_IMAGE_FOLDER
+check_launch
+[ -z "${NNODES:-}" ] || script_error "NNODES=$NNODES: reproduce_table1.sh trains and evaluates in turn from one node;" \
+  "set HOSTFILE instead (DeepSpeed's launcher starts the other nodes for each training run), or launch" \
+  "finetune.sh with NNODES on every node yourself"
 need_model MODEL_BASE "a local Hugging Face LLaVA-1.5 checkpoint"
 need_dir DATA_ROOT "the folder holding the \`llava-sculpt prepare\` outputs of the six benchmarks"
 RUNS_DIR=${RUNS_DIR:-$(dirname "$HERE")/playground/table1}
@@ -73,8 +82,10 @@ case " ${BENCHMARKS:-okvqa ocrvqa gqa textvqa iconqa coco} $TARGETS " in
 esac
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 
-echo "== zero-shot" >&2
-EVAL_DIR="$RUNS_DIR/zero-shot" bash "$HERE/eval_zero_shot.sh" "$MODEL_BASE"
+if [ "${DRY_RUN:-0}" = 0 ]; then
+  echo "== zero-shot" >&2
+  EVAL_DIR="$RUNS_DIR/zero-shot" bash "$HERE/eval_zero_shot.sh" "$MODEL_BASE"
+fi
 for target in $TARGETS; do
   manifest="$DATA_ROOT/$target/manifest.json"
   [ -f "$manifest" ] || { echo "error: $manifest not found: run \`llava-sculpt prepare $target --out-dir $DATA_ROOT/$target ...\`" >&2; exit 2; }
@@ -94,6 +105,7 @@ for target in $TARGETS; do
         METHOD=$method TARGET=$target LORA_R=$rank MODEL_BASE=$MODEL_BASE DATA_PATH="$DATA_ROOT/$target/train.json" \
           IMAGE_FOLDER=$image_folder OUTPUT_DIR=$run bash "$HERE/finetune.sh" ${method_args[@]+"${method_args[@]}"} "${train_args[@]}"
       fi
+      [ "${DRY_RUN:-0}" = 0 ] || continue  # DRY_RUN=1: finetune.sh printed the command; nothing else runs
       model=$run
       case $method in dare|tailor|intruders) model=$run/merged ;; esac
       if [ "$model" = "$run/merged" ] && [ ! -f "$model/config.json" ]; then
@@ -105,7 +117,8 @@ for target in $TARGETS; do
         bash "$HERE/eval_source_target.sh" "$model" "$target" > /dev/null
     done
   done
+  [ "${DRY_RUN:-0}" = 0 ] || continue
   "$PYTHON" -m llava_sculpt.cli table "$RUNS_DIR/zero-shot/" "$RUNS_DIR/$target"/*/eval \
     --format md,csv --out "$RUNS_DIR/table1_$target"
 done
-echo "tables: $RUNS_DIR/table1_*.md / .csv" >&2
+[ "${DRY_RUN:-0}" = 1 ] || echo "tables: $RUNS_DIR/table1_*.md / .csv" >&2
