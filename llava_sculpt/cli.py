@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("llava_sculpt.model.convert", "convert an original LLaVA-1.5 checkpoint to Hugging Face format"),
     "merge": ("llava_sculpt.merge", "merge a trained adapter (+ projector) into a plain HF checkpoint"),
     "sparse-adapter": ("llava_sculpt.methods.sparse_adapter", "pack / unpack the sparse LoRASculpt adapter format"),
-    "transform": ("llava_sculpt.transform", "DARE / Model Tailor / intruders on a trained LoRA run -> merged checkpoint"),
+    "transform": ("llava_sculpt.transform", "DARE / Model Tailor / intruders / magnitude pruning on a trained LoRA run -> merged checkpoint"),
     "report": ("llava_sculpt.report", "plot per-layer sparsity of a LoRASculpt run against Theorem 3.1"),
     "prepare": ("llava_sculpt.data.prepare.cli", "convert a raw benchmark into training JSON / question JSONL"),
     "generate": ("llava_sculpt.eval.generate", "batched, resumable answer generation (LLaVA model_vqa_loader flags)"),
