@@ -12,6 +12,7 @@ A method is a plain class with a flags dataclass.  The trainer calls, in this or
     after_save(output_dir, projector_state) at every save (checkpoint-N and the run), on the saving process,
                                             after the weights: extra files (LLaVA's stage-1 mm_projector.bin);
                                             `projector_state` = the saved projector, None when it is not trained
+    use_connector(connector)                once, at parsing: --connector (training/arguments.py), before inject
     post_training(run_dir, model, run)      after training, on the main process (e.g. reports)
     transform_saved_run(run_dir, run)       after the run is saved and marked complete and the training state
                                             is freed, on the main process (DARE, Model Tailor: RUN_DIR/merged)
@@ -48,12 +49,20 @@ class FineTuningMethod:
     name: ClassVar[str] = "base"
     flags_class: ClassVar[type | None] = None  # a dataclass of this method's command-line flags
     trains_projector: ClassVar[bool] = True  # projector fully trained at --mm_projector_lr (LLaVA-1.5)
+    connector: str = "full"  # --connector: full, lora (LoRA on the projector), frozen or sculpt (LoRASculpt's)
     # False: no PEFT adapter; `inject` makes some of the model's own tensors trainable and a run saves only those
     # (partial_model.safetensors, see model/load.py)
     uses_lora: ClassVar[bool] = True
 
     def __init__(self, flags=None):
         self.flags = flags
+
+    def use_connector(self, connector: str) -> None:
+        """--connector, as resolved and checked against the method (training/arguments.py `resolve_connector`):
+        the projector is fully trained (and saved as mm_projector.safetensors) only with `full`."""
+        self.connector = connector
+        if connector != "full":
+            self.trains_projector = False
 
     def inject(self, model, run: RunContext):
         raise NotImplementedError

@@ -1,6 +1,10 @@
 """Plain LoRA as LLaVA-1.5 applies it (Hu et al., ICLR'22): W = W0 + (alpha / r) * B A on every linear
 layer of the language model (q, k, v, o, gate, up, down for Llama); the vision tower and lm_head are frozen
-and unadapted.  The projector is trained in full (see `trains_projector`) as PEFT's `modules_to_save`."""
+and unadapted.  The projector is trained in full (see `trains_projector`) as PEFT's `modules_to_save`, or, with
+`--connector lora` (the paper's Table 2), gets LoRA adapters of the same rank / alpha / dropout on its two linears
+(linear_1, linear_2) while its own weights stay frozen: they are part of the same PEFT adapter, so plain PEFT,
+`merge`, `generate` and `eval` load and fold them like the language model's, and no mm_projector.safetensors is
+written (there is no trained projector weight; loaders keep the base checkpoint's)."""
 from __future__ import annotations
 
 import re
@@ -48,14 +52,17 @@ def make_lora_config(training_args, model, include_projector: bool = False, conf
     return (config_class or LoraConfig)(**kwargs)
 
 
-def inject_lora(model, run: RunContext, include_projector: bool = False, **overrides):
-    """PEFT LoRA on the language model.  When the projector is fully trained (LLaVA-1.5; not with LoRA on it,
-    not with --freeze_mm_mlp_adapter), it is PEFT's `modules_to_save`: the adapter then carries the trained
+def inject_lora(model, run: RunContext, include_projector: bool | None = None, **overrides):
+    """PEFT LoRA on the language model, and on the projector's two linears when `include_projector` (default:
+    --connector lora).  When the projector is fully trained (LLaVA-1.5; not with LoRA on it, not with
+    --freeze_mm_mlp_adapter), it is PEFT's `modules_to_save`: the adapter then carries the trained
     projector, so plain `PeftModel.from_pretrained(base, run_dir)` restores the whole trained model."""
     from peft import get_peft_model
 
     from llava_sculpt.methods import lora_init
 
+    if include_projector is None:
+        include_projector = getattr(run.training_args, "connector", None) == "lora"
     if not include_projector and not getattr(run.training_args, "freeze_mm_mlp_adapter", False):
         overrides.setdefault("modules_to_save", [PROJECTOR_MODULE])
     lora_init.check_method_compatible(run.training_args, overrides, include_projector)

@@ -2,7 +2,7 @@
 
     L = L_task + lambda * mean_{l in q,k,v} ||M_l * (B_l A_l)||_F                 (paper Eq. 8-9, the release)
           [or lambda * sum_{l in q,k,v} ...  with --cmr_reduction sum               (Appendix E, Algorithm 1)]
-              [+ beta * sum_{l in projector} ||M_l * (B_l A_l)||_1]             (Eq. 10-11, --sculpt_connector)
+              [+ beta * sum_{l in projector} ||M_l * (B_l A_l)||_1]             (Eq. 10-11, --connector sculpt)
     M = tanh(omega * |1 / log(|W / ||W||_F| + eps)|)                            (Eq. 6-7)
     after `--sculpt_step` optimizer steps, once:  A <- M_A * A,  B <- M_B * B     (Eq. 2-3)
     with M_A, M_B keeping the top s_A, s_B fraction of |A|, |B| (every LM LoRA matrix separately).
@@ -64,7 +64,8 @@ class SculptArguments:
                                "Table 1) or sum (Appendix E, Algorithm 1); the connector term is a sum in both",
                                "choices": ["mean", "sum"]})
     sculpt_connector: bool = field(default=False, metadata={"help": "LoRASculpt: LoRA on the projector's two "
-                                   "linears instead of full fine-tuning, with the L1 CMR of Eq. 10 (no pruning)"})
+                                   "linears instead of full fine-tuning, with the L1 CMR of Eq. 10 (no pruning); "
+                                   "True = --connector sculpt, kept as its alias"})
     cmr_beta: float = field(default=1e-5, metadata={"help": "LoRASculpt: weight beta of the connector CMR (Eq. 11)"})
     cmr_chunk_rows: int = field(default=256, metadata={"help": "LoRASculpt: rows per chunk of the CMR "
                                 "computation (memory/speed trade-off; the value does not change results)"})

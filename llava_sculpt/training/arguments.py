@@ -14,6 +14,25 @@ from llava_sculpt.errors import UserError
 from llava_sculpt.methods import METHODS, get_method_class
 
 
+# --connector values (paper Table 2).  full and frozen: every method but LLaVA's stage 1 (which trains the projector
+# alone: full only).  lora and sculpt: the methods below (see `resolve_connector` for why the others are refused).
+CONNECTORS = ("full", "lora", "frozen", "sculpt")
+CONNECTOR_METHODS = {"lora": ("lora", "dora", "l2", "orth"), "sculpt": ("sculpt",)}
+# why --connector lora is refused, per method (every method not in CONNECTOR_METHODS["lora"] has an entry)
+_NO_LORA_CONNECTOR = {
+    "sculpt": "has its own connector variant: --connector sculpt (LoRA on the projector with the L1 CMR of "
+              "Eq. 10-11) or full",
+    "dare": "drops and rescales the fully trained projector's delta after training; use --connector full or frozen",
+    "tailor": "resets the fully trained projector after training; use --connector full or frozen",
+    "intruders": "transforms the language model's LoRA layers only after training; use --connector full or frozen",
+    "asymlora": "routes among LoRA experts in the language model's MLPs, not a plain LoRA adapter the projector "
+                "could share; use --connector full or frozen",
+    "full": "trains without LoRA; use --connector full or frozen",
+    "spider": "trains without LoRA; use --connector full or frozen",
+    "magnitude_mask": "trains without LoRA; use --connector full or frozen",
+}
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default=None, metadata={"help": "local Hugging Face LLaVA-1.5 checkpoint "
@@ -80,10 +99,18 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector "
                                           "(default: --learning_rate)"})
     mm_projector_lora_lr: float | None = field(default=None, metadata={"help": "learning rate of LoRA adapters ON "
-                                               "the projector (--method sculpt --sculpt_connector True; default: "
+                                               "the projector (--connector lora or sculpt; default: "
                                                "--learning_rate, like every other LoRA factor — --mm_projector_lr is "
                                                "the rate of the fully fine-tuned projector and does not apply)"})
-    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "keep the projector frozen"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "LLaVA flag: keep the projector frozen "
+                                        "(True = --connector frozen)"})
+    connector: str | None = field(default=None, metadata={"help": "how the projector (the connector) is trained, "
+                                  "the paper's Table 2: full (fully fine-tuned at --mm_projector_lr; the default, "
+                                  "LLaVA-1.5's), lora (LoRA on its two linears with the language model's --lora_r / "
+                                  "--lora_alpha / --lora_dropout, at --mm_projector_lora_lr, its own weights frozen; "
+                                  f"--method {', '.join(CONNECTOR_METHODS['lora'])}), frozen (not trained; = "
+                                  "--freeze_mm_mlp_adapter True) or sculpt (--method sculpt: LoRA with the connector "
+                                  "CMR of Eq. 10-11; = --sculpt_connector True)", "choices": list(CONNECTORS)})
     bits: int = field(default=16, metadata={"help": "16, or 8/4 for a bitsandbytes-quantised base (QLoRA)",
                                             "choices": [16, 8, 4]})
     double_quant: bool = field(default=True, metadata={"help": "4-bit: quantise the quantisation constants"})
@@ -187,7 +214,11 @@ def parse_args(argv: Sequence[str] | None):
         data_args.image_aspect_ratio = "square"  # LLaVA's default, which its pretrain.sh keeps (finetune.sh: pad)
     method_cls = get_method_class(model_args.method)
     flags = next((f for f in method_flag_values if type(f) is method_cls.flags_class), None)
-    return model_args, data_args, training_args, method_cls(flags)
+    sculpt_flags = next((f for f in method_flag_values if hasattr(f, "sculpt_connector")), None)
+    resolve_connector(model_args.method, training_args, sculpt_flags, given)
+    method = method_cls(flags)
+    method.use_connector(training_args.connector)
+    return model_args, data_args, training_args, method
 
 
 def given_flags(parser, argv: Sequence[str]) -> set[str]:
@@ -238,6 +269,49 @@ def resolve_method(model_args, training_args, given: set[str]) -> None:
         model_args.method = "projector"
     elif not explicit and not training_args.lora_enable:
         model_args.method = "full"  # LLaVA's finetune.sh with --lora_enable False
+
+
+def resolve_connector(method: str, training_args, sculpt_flags, given: set[str]) -> None:
+    """training_args.connector from --connector and its aliases: --freeze_mm_mlp_adapter True = frozen,
+    --sculpt_connector True = sculpt (a flag of --method sculpt, `sculpt_flags`).  None of them: full.  The aliases
+    are then set from the result, so a run records the same run_args.json however it was spelt.  A value the method
+    does not support, or flags that contradict each other (an alias False against the value it stands for
+    included), is a UserError."""
+    said: list[tuple[str, str | None, str]] = []  # (flag as written, the connector it means or None, the one it denies)
+    if "--connector" in given:
+        said.append((f"--connector {training_args.connector}", training_args.connector, ""))
+    for flag, value, alias in (("--freeze_mm_mlp_adapter", training_args.freeze_mm_mlp_adapter, "frozen"),
+                               ("--sculpt_connector", getattr(sculpt_flags, "sculpt_connector", False), "sculpt")):
+        if flag in given:
+            said.append((f"{flag} {value}", alias if value else None, "" if value else alias))
+    meant = [(text, value) for text, value, _ in said if value is not None]
+    for (text_a, a), (text_b, b) in zip(meant, meant[1:]):
+        if a != b:
+            raise UserError(f"{text_a} and {text_b} contradict each other (--freeze_mm_mlp_adapter True = "
+                            "--connector frozen, --sculpt_connector True = --connector sculpt); pass one of them")
+    connector = meant[0][1] if meant else "full"
+    for text, _, denied in said:
+        if denied and denied == connector:
+            raise UserError(f"{text} contradicts {meant[0][0]}; drop one of them")
+    source = meant[0][0] if meant else "--connector full"
+    if method == "projector" and connector != "full":
+        what = "leaves nothing to train" if connector == "frozen" else "would put adapters on the projector it trains"
+        raise UserError(f"{source} with LLaVA's stage-1 pretraining (--tune_mm_mlp_adapter True / --method projector, "
+                        f"which trains only the projector, in full) {what}; drop {source.split()[0]}")
+    if connector == "lora" and method not in CONNECTOR_METHODS["lora"]:
+        why = _NO_LORA_CONNECTOR.get(method, "has no plain LoRA adapter the projector could share; use --connector "
+                                             "full or frozen")
+        raise UserError(f"{source}: LoRA on the connector is supported with --method "
+                        f"{', '.join(CONNECTOR_METHODS['lora'])}; --method {method} {why}")
+    if connector == "sculpt" and method not in CONNECTOR_METHODS["sculpt"]:
+        other = (" (LoRA on the connector without the CMR: --connector lora)" if method in CONNECTOR_METHODS["lora"]
+                 else "")
+        raise UserError(f"{source} is LoRASculpt's connector variant (LoRA with the L1 CMR of Eq. 10-11): only with "
+                        f"--method sculpt, not --method {method}{other}")
+    training_args.connector = connector
+    training_args.freeze_mm_mlp_adapter = connector == "frozen"
+    if method == "sculpt" and sculpt_flags is not None:
+        sculpt_flags.sculpt_connector = connector == "sculpt"
 
 
 # LLaVA-1.5's scripts were written for transformers 4.31; flags renamed since, mapped to today's name

@@ -152,13 +152,31 @@ def resolve_resume(training_args) -> str | None:
     if value and value.lower() not in ("true", "latest"):
         if not os.path.isdir(value):
             raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+        check_resumed_connector(value, training_args)
         return value
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if value and last is None:
         raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N directory in {training_args.output_dir}")
+    if last:
+        check_resumed_connector(last, training_args)
     if last and not value:
         print(f"resuming from {last} (found in --output_dir; LLaVA's behaviour)")
     return last
+
+
+def check_resumed_connector(checkpoint: str, training_args) -> None:
+    """A checkpoint's trained tensors depend on --connector (a fully trained projector, LoRA on it, or neither):
+    resuming it with another one is refused, as a finished run of other arguments is.  A checkpoint whose
+    run_args.json records no connector (written before the flag existed) is not checked."""
+    try:
+        with open(os.path.join(checkpoint, RUN_ARGS_FILE), encoding="utf-8") as f:
+            recorded = json.load(f)["training_args"]["connector"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    current = getattr(training_args, "connector", None)
+    if recorded and current and recorded != current:
+        raise UserError(f"{checkpoint} was trained with --connector {recorded}, this run asks for --connector "
+                        f"{current}; resume with --connector {recorded}, or pass a new --output_dir")
 
 
 def finalise(trainer, run: RunContext, method, output_dir: str) -> None:

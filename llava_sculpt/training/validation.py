@@ -64,6 +64,7 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
         raise UserError("--freeze_backbone True with --method full (LLaVA's full fine-tuning of the language model) "
                         "leaves only the projector to train; drop it, or pass --tune_mm_mlp_adapter True to train "
                         "the projector alone")
+    check_connector_rates(training_args)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if (model_args.mm_vision_select_feature == "patch") != (strategy == "default"):
         raise UserError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} differs from the "
@@ -81,6 +82,20 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
     if training_args.lora_weight_path and not os.path.isfile(
             os.path.join(training_args.lora_weight_path, "adapter_model.safetensors")):
         raise UserError(f"--lora_weight_path {training_args.lora_weight_path}: no adapter_model.safetensors there")
+
+
+def check_connector_rates(training_args) -> None:
+    """A note (not an error: LLaVA's scripts always pass --mm_projector_lr) when a projector learning rate is given
+    that the --connector leaves unused: --mm_projector_lr is the fully trained projector's, --mm_projector_lora_lr
+    that of LoRA on the projector (--connector lora / sculpt)."""
+    connector = getattr(training_args, "connector", None) or "full"
+    lora = connector in ("lora", "sculpt")
+    if training_args.mm_projector_lr is not None and connector != "full":
+        print(f"note: --mm_projector_lr does not apply with --connector {connector} (no fully trained projector)"
+              + ("; the projector's LoRA factors train at --mm_projector_lora_lr, default --learning_rate" if lora
+                 else ""))
+    if training_args.mm_projector_lora_lr is not None and not lora:
+        print(f"note: --mm_projector_lora_lr does not apply with --connector {connector} (no LoRA on the projector)")
 
 
 def check_cpu_data_parallel(training_args) -> None:
