@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finalise(trainer, run, method, training_args.output_dir)
     if trainer.args.should_save:
         weights = "adapter" if method.uses_lora else "trained tensors (partial_model.safetensors)"
-        print(f"done: {weights}, {PROJECTOR_FILE} and processor in {training_args.output_dir}")
+        projector = f", {PROJECTOR_FILE}" if method.trains_projector and training_args.connector == "full" else ""
+        print(f"done: {weights}{projector} and processor in {training_args.output_dir}")
     return 0
 
 
