@@ -203,6 +203,30 @@ def test_text_loss_equals_float64_reference(tiny_dir, tiny_processor):
     assert result["text_sha256"] == textloss.sha256_text(text) and result["num_chunks"] == len(chunks)
 
 
+def test_max_chunks_scores_the_first_chunks_only(tiny_dir, tiny_processor):
+    """--max-chunks N: the loss of the first N chunks, equal to scoring those chunks as the whole text; compared
+    only with results of the same N (a result without the field scored every chunk)."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir / "model").eval()
+    tokenizer = tiny_processor.tokenizer
+    text = "What colour is the shape? The circle is red and the square is blue. " * 4
+    chunks, _ = textloss.chunk_token_ids(tokenizer, text, 16)
+    assert len(chunks) > 3
+    capped = textloss.text_loss(model, tokenizer, max_tokens=16, text=text, max_chunks=2)
+    total, count = textloss.chunk_nll(model, chunks[:2])
+    assert capped["num_chunks"] == 2 and capped["num_tokens_scored"] == count
+    assert capped["nll_per_token"] == pytest.approx(total / count, rel=1e-12)
+    full = textloss.text_loss(model, tokenizer, max_tokens=16, text=text)
+    assert full["max_chunks"] == 0 and full["num_chunks"] == len(chunks)
+    with pytest.raises(UserError, match="different texts"):
+        textloss.compare(capped, full)
+    older = {k: v for k, v in full.items() if k != "max_chunks"}
+    assert textloss.compare(full, older) == 0.0
+    with pytest.raises(UserError, match="max-chunks"):
+        textloss.text_loss(model, tokenizer, max_tokens=16, text=text, max_chunks=-1)
+
+
 def test_chunks_cover_every_token_once(tiny_processor):
     tokenizer = tiny_processor.tokenizer
     text = "the red circle is left of the blue square. " * 9

@@ -154,8 +154,10 @@ def chunk_nll(model, chunks: Sequence[Sequence[int]]) -> tuple[float, int]:
     return total, count
 
 
-def text_loss(model, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS, text: str | None = None) -> dict:
-    """The result fields of the module docstring for `model` (restored to its train/eval mode afterwards)."""
+def text_loss(model, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS, text: str | None = None,
+              max_chunks: int = 0) -> dict:
+    """The result fields of the module docstring for `model` (restored to its train/eval mode afterwards);
+    `max_chunks` > 0 scores only the text's first `max_chunks` chunks (a shorter, cheaper measure)."""
     missing: list[str] = []
     if text is None:
         text, used, missing = held_out_text()
@@ -163,6 +165,10 @@ def text_loss(model, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS, text: str 
     else:
         num_docs = None
     chunks, ids = chunk_token_ids(tokenizer, text, max_tokens)
+    if max_chunks < 0:
+        raise UserError(f"--max-chunks must be 0 (all) or positive, got {max_chunks}")
+    if max_chunks:
+        chunks = chunks[:max_chunks]
     training = model.training
     model.eval()
     try:
@@ -171,12 +177,17 @@ def text_loss(model, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS, text: str 
         model.train(training)
     loss = total / count
     return {"task": "textloss", "nll_per_token": loss, "perplexity": math.exp(loss), "num_tokens_scored": count,
-            "num_text_tokens": len(ids), "num_chunks": len(chunks), "max_tokens": max_tokens,
+            "num_text_tokens": len(ids), "num_chunks": len(chunks), "max_tokens": max_tokens, "max_chunks": max_chunks,
             "text_sha256": sha256_text(text), "tokens_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
             "python_version": platform.python_version(), "num_docstrings": num_docs, "missing_names": missing}
 
 
-COMPARED_FIELDS = ("text_sha256", "tokens_sha256", "max_tokens")
+COMPARED_FIELDS = ("text_sha256", "tokens_sha256", "max_tokens", "max_chunks")
+
+
+def _field(payload: dict, key: str):
+    """A result's field; results written before --max-chunks existed scored every chunk (0)."""
+    return payload.get(key, 0 if key == "max_chunks" else None)
 
 
 def compare(result: dict, reference: dict, name: str = "the result", reference_name: str = "the reference") -> float:
@@ -185,7 +196,8 @@ def compare(result: dict, reference: dict, name: str = "the result", reference_n
     for what, payload in ((name, result), (reference_name, reference)):
         if not isinstance(payload, dict) or payload.get("task") != "textloss" or "nll_per_token" not in payload:
             raise UserError(f"{what}: not a text-loss result (scores/textloss.json of `llava-sculpt text-loss`).")
-    differ = [f"{k} {reference.get(k)!r} vs {result.get(k)!r}" for k in COMPARED_FIELDS if result.get(k) != reference.get(k)]
+    differ = [f"{k} {_field(reference, k)!r} vs {_field(result, k)!r}" for k in COMPARED_FIELDS
+              if _field(result, k) != _field(reference, k)]
     if differ:
         raise UserError(f"{reference_name} and {name} were computed on different texts or tokens ({'; '.join(differ)}; "
                         f"Python {reference.get('python_version')} vs {result.get('python_version')}, or another "
@@ -230,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-base", default=None, help="base checkpoint of an adapter (default: the one it records)")
     p.add_argument("--eval-dir", default=None, help="writes EVAL_DIR/scores/textloss.json (default MODEL_PATH/eval)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per chunk, BOS included (default 256)")
+    p.add_argument("--max-chunks", type=int, default=0, help="score only the text's first N chunks (default 0 = "
+                   "all, ~14k tokens with SmolLM2's tokenizer); results are compared only at the same N")
     p.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto", help="auto: float16 on GPU, float32 on CPU")
     p.add_argument("--reference", default=None, metavar="REF_JSON", help="another model's textloss.json: adds the difference")
     p.add_argument("--overwrite", action="store_true", help="replace a textloss.json of another model or settings")
@@ -242,10 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_eval_dir(eval_dir, identity)
     dtype = str(resolve_dtype(args.dtype)).replace("torch.", "")
     text, _, _ = held_out_text()
-    wanted = {**identity, "dtype": dtype, "max_tokens": args.max_tokens, "text_sha256": sha256_text(text),
+    wanted = {**identity, "dtype": dtype, "max_tokens": args.max_tokens, "max_chunks": args.max_chunks,
+              "text_sha256": sha256_text(text),
               "python_version": platform.python_version()}
     existing = _read_json(out, "text-loss result")
-    differs = [k for k in wanted if existing is not None and existing.get(k) != wanted[k]]
+    differs = [k for k in wanted if existing is not None and _field(existing, k) != wanted[k]]
     if differs and not args.overwrite:
         raise UserError(f"{out} holds a text loss of another model or settings ({', '.join(differs)} differ); pass "
                         "--overwrite to replace it, or choose another --eval-dir.")
@@ -256,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {k: v for k, v in existing.items() if not k.startswith(("reference", "delta"))}
     else:
         model, processor = load_model(args.model_path, args.model_base, args.dtype)
-        result = {**text_loss(model, processor.tokenizer, args.max_tokens), **identity, "dtype": dtype}
+        result = {**text_loss(model, processor.tokenizer, args.max_tokens, max_chunks=args.max_chunks), **identity,
+                  "dtype": dtype}
     if reference is not None:
         delta = compare(result, reference, out, f"--reference {args.reference}")
         result.update(reference=os.path.abspath(args.reference), reference_nll_per_token=reference["nll_per_token"],
