@@ -12,6 +12,7 @@ from llava_sculpt.errors import run_cli
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llava_sculpt.train", "fine-tune LLaVA-1.5 (LLaVA's flags + HF TrainingArguments + --method)"),
     "demo": ("llava_sculpt.demo", "the paper's Table 1 in miniature on CPU: tiny LLaVA, synthetic world, seeds, figures"),
+    "paper": ("llava_sculpt.paper", "every table and figure of the paper in miniature (demo model): one report with verdicts"),
     "demo-real": ("llava_sculpt.demo_real", "the demo on a real pretrained LM (SmolLM2-135M): LLaVA stages 1-2, then knowledge retention"),
     "world": ("llava_sculpt.demo:world_main", "build or reuse the demo's pre-trained tiny model and synthetic benchmarks"),
     "tiny": ("llava_sculpt.model.tiny", "build the embedded tiny LLaVA-1.5-shaped model and synthetic data"),
