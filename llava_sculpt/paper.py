@@ -430,6 +430,15 @@ def _band(ax, xs, rows, key, label, marker="o"):
                         color=_COLOURS[key], alpha=0.2)
 
 
+def _ticks(ax, xs, log: bool) -> None:
+    """Ticks at the grid's own values, written as given (0.0032, not 3.2e-3 in powers of ten)."""
+    if log:
+        ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:g}" for x in xs])
+    ax.minorticks_off()
+
+
 def _new_figure(panels: int, width: float = 5.2):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -450,7 +459,7 @@ def plot_fig1b(fig1b: dict, png: Path, n_seeds: int) -> None:
         for name, style in (("lora", "--"), ("sculpt", ":")):
             ax.axhline(fig1b[name][f"{key}_mean"], color="grey" if name == "lora" else "tab:red", linestyle=style,
                        label="LoRA, unpruned" if name == "lora" else "LoRASculpt")
-        ax.set_xscale("log")
+        _ticks(ax, xs, log=True)
         ax.invert_xaxis()
         ax.set_xlabel("S = fraction of A and B kept (log; sparsity grows to the right)")
         ax.set_ylabel(f"{key.capitalize()} score")
@@ -472,8 +481,7 @@ def _plot_panel(ax, panel: str, data: dict) -> None:
         ax.axhline(data["lora"][f"{key}_mean"], color=_COLOURS[key], linestyle="--", linewidth=1,
                    label=f"LoRA {key.capitalize()}")
     ax.axvline(data["default"], color="grey", linestyle=":", linewidth=1, label="demo default")
-    if log:
-        ax.set_xscale("log")
+    _ticks(ax, xs, log)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("score")
     ax.set_ylim(-2, 102)
