@@ -340,3 +340,14 @@ def test_cmr_gradient_survives_bf16_zero2(tiny_dir, tmp_path):
     in_bf16 = (task.bfloat16() + ref.bfloat16()).double() - task.bfloat16().double()
     assert float((in_bf16 - ref).norm() / ref.norm()) > 0.2
     assert float(((task.bfloat16() + ref.bfloat16()) == task.bfloat16())[ref != 0].float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("sculpt_step,pruned", [(2, True), (3, False)])
+def test_dense_warning_only_when_the_pruning_step_is_never_reached(tiny_dir, tmp_path, capsys, sculpt_step, pruned):
+    """Pruning runs after optimizer step --sculpt_step, so a run of exactly that many steps prunes (at its last
+    step) and must not warn that the adapters stay dense; one step fewer does warn, and does not prune."""
+    out = tmp_path / "run"
+    assert run_train(tiny_dir, out, "--method", "sculpt", "--sculpt_step", str(sculpt_step), steps=2) == 0
+    printed = capsys.readouterr().out
+    assert ("adapters will stay dense" in printed) is not pruned
+    assert ("LoRA matrices at step" in printed) is pruned  # the pruning's own report line

@@ -300,7 +300,7 @@ class SculptMethod(FineTuningMethod):
         state = run.trainer.state
         if self.masks:
             print(f"LoRASculpt: resumed with the masks of step {self.pruned_at_step}")
-        elif state.max_steps and state.max_steps <= self.flags.sculpt_step:
+        elif state.max_steps and state.max_steps < self.flags.sculpt_step:  # pruning runs after step sculpt_step
             print(f"warning: LoRASculpt prunes after --sculpt_step {self.flags.sculpt_step} optimizer steps, but this "
                   f"run has only {state.max_steps}: the adapters will stay dense")
         if not self.masks and self.flags.sculpt_step == 0 and state.global_step == 0:
