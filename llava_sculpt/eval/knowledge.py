@@ -188,22 +188,30 @@ def check_rules(entries: Sequence[KnowledgeQuestion], where: str = "the question
                         + "; ".join(problems[:5]) + ".")
 
 
-def read_question_list(path: str = QUESTIONS_FILE) -> list[KnowledgeQuestion]:
-    """Read and check a question list file (JSON lines {"id", "domain", "question", "answers"})."""
-    entries = []
+def _json_lines(path: str, what: str, unreadable: str):
+    """(where, row) for every non-blank line of the JSON-lines file `path`; `where` names the file and line.
+    A file that cannot be read -> UserError `unreadable` (formatted with path and error), a bad line -> one
+    naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as err:
-        raise UserError(f"knowledge question list {path} cannot be read ({err}); reinstall llava-sculpt.") from None
+        raise UserError(unreadable.format(path=path, err=err)) from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"knowledge question list {path}, line {number}"
+        where = f"{what} {path}, line {number}"
         try:
-            row = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{where}: not valid JSON ({json_error_text(err, line=False)}).") from None
+
+
+def read_question_list(path: str = QUESTIONS_FILE) -> list[KnowledgeQuestion]:
+    """Read and check a question list file (JSON lines {"id", "domain", "question", "answers"})."""
+    entries = []
+    for where, row in _json_lines(path, "knowledge question list",
+                                  "knowledge question list {path} cannot be read ({err}); reinstall llava-sculpt."):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("id", "domain", "question")) \
                 or not isinstance(row.get("answers"), list) or not all(isinstance(a, str) for a in row["answers"]):
             raise UserError(f'{where}: expected {{"id": str, "domain": str, "question": str, "answers": [str, ...]}}.')
@@ -235,19 +243,7 @@ def interleaved(entries: Sequence[KnowledgeQuestion]) -> list[KnowledgeQuestion]
 def load_annotations(path: str) -> dict[str, dict]:
     """annotations.jsonl of `prepare knowledge` -> {question_id: {"question", "answers", "domain"}}."""
     gt: dict[str, dict] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"annotation file {path} does not exist.") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"annotation file {path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{where}: not valid JSON ({json_error_text(err, line=False)}).") from None
+    for where, row in _json_lines(path, "annotation file", "annotation file {path} cannot be read ({err})."):
         answers = row.get("answers") if isinstance(row, dict) else None
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(answers, list) or not answers \
                 or not all(isinstance(a, str) for a in answers):
@@ -303,13 +299,9 @@ def retention(reference: dict, scores: dict, reference_name: str = "the referenc
 
 
 def read_score(path: str, what: str = "score file") -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{what} {path} is not valid JSON ({json_error_text(err)}).") from None
+    from llava_sculpt.eval.score import _read_json  # the scorer's reader: a missing or broken file named
+
+    return _read_json(path, what)
 
 
 def retention_from_files(reference_file: str, score_file: str) -> dict:
