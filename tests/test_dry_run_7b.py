@@ -137,9 +137,12 @@ def test_tiny_dry_run_end_to_end(tmp_path):
 
 def test_interrupted_run_stops_the_stage_and_removes_the_work_folder(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out.json"
+    # SIGINT back to its default in the child: a suite run as a background job (nohup, `cmd &`) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler, so the Ctrl-C below would not arrive
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", "tiny", "--stages", "train", "--workdir",
                              str(work), "--json-out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=_env(), cwd=tmp_path)
+                            text=True, env=_env(), cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     for line in proc.stdout:  # wait until the train stage has started
         if line.startswith("[dry run] train:") or time.time() > deadline:
