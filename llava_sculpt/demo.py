@@ -146,10 +146,13 @@ def world_data(data_root: str | Path, benchmarks: Sequence[str], seed: int = 0, 
     return root
 
 
-def _built_with(out: Path, product: str, stamp: dict) -> bool:
-    """Whether OUT holds `product` written with these settings (OUT/world.json, written after it)."""
-    stamp_path = out / "world.json"
-    return (out / product).is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp
+def _built_with(out: Path, product: str, stamp: dict, stamp_name: str = "world.json") -> bool:
+    """Whether OUT holds `product` written with these settings (OUT/STAMP_NAME, written after it); a missing,
+    unreadable or broken stamp means "no": the product is rebuilt."""
+    try:
+        return (out / product).is_file() and json.loads((out / stamp_name).read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 class _quiet:
@@ -312,7 +315,10 @@ def run_label(method: str, rank: int | None) -> str:
 
     names = {"sculpt-prune": "LoRASculpt, pruning only", "sculpt-cmr": "LoRASculpt, CMR only",
              "zero-shot": "zero-shot"}
-    name = names.get(method) or METHOD_NAMES.get(method_key(method), method)
+    if method.startswith("sculpt-lambda"):  # a CMR-lambda sweep's row (demo_real.SWEEP)
+        name = f"LoRASculpt, lambda {method[len('sculpt-lambda'):]}"
+    else:
+        name = names.get(method) or METHOD_NAMES.get(method_key(method), method)
     return name if rank is None else f"{name} r{rank}"
 
 

