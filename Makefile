@@ -44,8 +44,11 @@ table1-tiny: $(STAMP)
 	$(VENV)/bin/llava-sculpt demo --out playground/table1_tiny --methods all --target iconqa,coco --ablation \
 	  --epochs 2 --questions 60 --curve-questions 20
 
+# one worker per core (pytest-xdist), whole test files per worker: a file's module-scoped fixtures (trained runs
+# shared by its tests) are built once; TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-demo:
 	rm -rf playground/demo playground/demo_real playground/paper playground/table1_tiny playground/tiny_world

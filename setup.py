@@ -35,7 +35,8 @@ setup(
         "convert": ["sentencepiece>=0.2", "protobuf>=4"],
         # `llava-sculpt compose --language-model X.gguf` and `make demo-real` (SmolLM2's GGUF weights)
         "real": ["gguf>=0.10"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # pytest-xdist: `make test` runs the suite in one worker per core (Makefile, target test)
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3"],
         # --report_to wandb / tensorboard
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
