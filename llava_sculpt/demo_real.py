@@ -22,9 +22,8 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
 Training runs in float32 by default (the measured recipe); --bf16 True is LLaVA's precision (on CPU: autocast to
 bfloat16 over float32 master weights, with `--use_cpu True`), about twice as fast here, and --lora-dropout 0
 saves another ~20% of a fine-tuning step (PEFT's dropout of every LoRA input); the README shows what they
-change.  --ablation adds LoRASculpt with pruning only and with the CMR
-only; --cmr-lambdas adds LoRASculpt at other CMR lambdas (rows "sculpt-lambdaX"); --methods all runs every
-method the demo knows (hours at this size).
+change.  --ablation adds LoRASculpt with pruning only and with the CMR only; --cmr-lambdas adds LoRASculpt at
+other CMR lambdas (rows "sculpt-lambdaX"); --methods all runs every method the demo knows (hours at this size).
 
 Every stage prints one line with the elapsed time; everything finished is reused on a rerun (compose, each
 training run, each merge and evaluation check their own inputs); every training saves a checkpoint each 10
