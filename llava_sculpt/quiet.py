@@ -29,6 +29,10 @@ _LOG_MESSAGES = (
     # CPU kernel from the Hugging Face Hub and falls back to its own when it cannot (offline, or without the
     # `kernels` package); the fallback is correct and 4-bit training on CPU is not a llava-sculpt use case.
     ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # The same attempt through the `kernels` package (a dependency of transformers >= 5.25), offline
+    # (HF_HUB_OFFLINE=1, as on a machine without network): it says it skips the Hub's publisher check of that
+    # kernel before failing over to the same fallback.
+    ("kernels._internals.hf_hub", r"^Skipping publisher trust check for 'kernels-community/"),
     # The Trainer orders checkpoint-N folders by mtime and, when checkpoints are saved less than a second
     # apart (tiny CPU runs), says mtime "may not be reliable" and orders them by step instead, which is right.
     ("transformers.trainer_utils", r"^mtime may not be reliable on this filesystem, falling back to numerical ordering"),
