@@ -580,14 +580,6 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}%"
 
 
-def _true_false(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, RealSettings]:
     """The command line -> (its namespace, the RealSettings it asks for); bad values are refused here."""
     d = RealSettings()
@@ -613,8 +605,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
     for f in fields(RealSettings):
         if f.name in ("methods", "ranks", "seeds", "ablation", "cmr_lambdas"):
             continue
-        if isinstance(f.default, bool):  # --bf16 True/False, as train's flags
-            p.add_argument("--" + f.name.replace("_", "-"), type=_true_false, default=f.default, metavar="{True,False}",
+        if isinstance(f.default, bool):  # --bf16 True/False, parsed as train's own flags are
+            from transformers.hf_argparser import string_to_bool
+
+            p.add_argument("--" + f.name.replace("_", "-"), type=string_to_bool, default=f.default, metavar="{True,False}",
                            help=f"default {f.default}")
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
