@@ -277,3 +277,21 @@ def test_driver_chunked_resumes_and_refuses_leftover_chunks(tiny_dir, model_y, d
     assert (eval_dir / "answers" / "gqa.jsonl").read_bytes() == (single / "answers" / "gqa.jsonl").read_bytes()
     assert not (eval_dir / "answers" / "gqa.chunks").exists()
     assert record(eval_dir / "answers" / "gqa.jsonl") == record(single / "answers" / "gqa.jsonl")
+
+
+def test_driver_merge_lora_is_recorded_and_not_mixed(tiny_dir, data_root, tmp_path, capsys):
+    """`eval --merge-lora` merges an adapter run on load (LLaVA's builder does): its answers are recorded as
+    merged, and answers of the unmerged adapter in the same eval dir are not reused for it."""
+    run = tmp_path / "run"
+    assert run_train(tiny_dir, run, "--learning_rate", "0.05", "--mm_projector_lr", "0.05", steps=1) == 0
+    eval_dir = tmp_path / "eval"
+    assert evaluate(run, data_root, eval_dir, "--merge-lora", capsys=capsys)[0] == 0
+    answers = eval_dir / "answers" / "gqa.jsonl"
+    assert record(answers)["merge_lora"] is True
+    rc, _, err = evaluate(run, data_root, eval_dir, capsys=capsys)
+    assert rc == 2 and "merge_lora: recorded True, now None" in err
+    merged_texts = texts(answers)
+    assert evaluate(run, data_root, tmp_path / "unmerged", capsys=capsys)[0] == 0
+    assert "merge_lora" not in record(tmp_path / "unmerged" / "answers" / "gqa.jsonl")
+    assert texts(tmp_path / "unmerged" / "answers" / "gqa.jsonl") == merged_texts  # float32: same answers
+

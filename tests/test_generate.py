@@ -165,6 +165,40 @@ def test_adapter_without_merge_matches_merged_checkpoint(tiny_dir, question_file
         texts[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert texts["adapter"] == texts["merged"]
     assert texts["adapter"] != texts["base"]  # the adapter was loaded, not ignored
+    # --merge-lora (LLaVA's builder merges on load): the merged checkpoint's answers, and the record says so
+    out = tmp_path / "adapter_merged_on_load.jsonl"
+    argv = ["--model-path", str(run), "--question-file", str(question_file), "--image-folder", images(tiny_dir),
+            "--max_new_tokens", str(MAX_NEW), "--no-progress", "--merge-lora"]
+    assert gen.main([*argv, "--answers-file", str(out)]) == 0
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == texts["merged"]
+    assert gen.read_meta(str(out))["merge_lora"] is True
+    assert "merge_lora" not in gen.read_meta(str(tmp_path / "adapter.jsonl"))  # old records stay as they were
+    with pytest.raises(UserError, match="merge_lora"):  # answers of the unmerged adapter are not resumed merged
+        gen.main([*argv, "--answers-file", str(tmp_path / "adapter.jsonl")])
+    # a checkpoint without an adapter: --merge-lora merges nothing and is not recorded
+    plain = tmp_path / "plain.jsonl"
+    assert gen.main([*argv[:1], str(tmp_path / "merged"), *argv[2:], "--answers-file", str(plain)]) == 0
+    assert "merge_lora" not in gen.read_meta(str(plain))
+
+
+def test_lm_head_gets_a_contiguous_input_on_cpu(tiny_dir, question_file, tmp_path):
+    """torch's CPU bf16 linear on a strided [B, 1, H] view copies the weight B times (1.7 s instead of 8 ms at
+    SmolLM2's size): generate_answers hands lm_head a contiguous input; plain generate() does not."""
+    model, processor = gen.load_model(str(tiny_dir / "model"), None, "bfloat16", "cpu")
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append(args[0].is_contiguous()))
+    try:
+        questions = gen.load_questions(str(question_file))[:3]
+        _, inputs = generated_tokens((model, processor), questions, tiny_dir)
+        assert seen and not all(seen)  # the strided last-position view generate() passes (the case fixed)
+        seen.clear()
+        gen.generate_answers(model, processor, questions, str(tmp_path / "a.jsonl"), 3, images(tiny_dir),
+                             max_new_tokens=MAX_NEW, progress=False)
+        assert seen and all(seen)
+    finally:
+        handle.remove()
+    assert not model.get_output_embeddings()._forward_pre_hooks  # removed after generation
 
 
 def test_bad_input_names_file_and_line(tiny_dir, tmp_path):

@@ -155,7 +155,8 @@ def claim_eval_dir(args, eval_dir: str, work) -> None:
     for spec, questions in work:
         answers_file = os.path.join(answers_dir, f"{spec.name}.jsonl")
         meta = answers_meta(identity, spec.question_file, spec.image_folder, args.conv_mode or spec.conv_mode,
-                            args.image_aspect_ratio, args.dtype, max_new_tokens=args.max_new_tokens or spec.max_new_tokens)
+                            args.image_aspect_ratio, args.dtype, max_new_tokens=args.max_new_tokens or spec.max_new_tokens,
+                            merge_lora=args.merge_lora)
         planned.append((spec, answers_file, meta))
         asked[spec.name] = questions
     names = {spec.name for spec, _, _ in planned}
@@ -255,7 +256,8 @@ class Generator:
             from llava_sculpt.eval.generate import load_model
 
             self.log(f"loading {self.args.model_path}" + (f" on {self.args.model_base}" if self.args.model_base else ""))
-            self._model = load_model(self.args.model_path, self.args.model_base, self.args.dtype)
+            self._model = load_model(self.args.model_path, self.args.model_base, self.args.dtype,
+                                     merge_lora=self.args.merge_lora)
         return self._model
 
     def run(self, spec: BenchmarkSpec, questions, answers_file: str) -> None:
@@ -296,6 +298,8 @@ class Generator:
                 cmd += ["--model-base", args.model_base]
             if args.max_questions is not None:
                 cmd += ["--max-questions", str(args.max_questions)]
+            if args.merge_lora:
+                cmd.append("--merge-lora")
             if args.no_progress:
                 cmd.append("--no-progress")
             if args.adopt:
@@ -373,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=None, help="chunk processes, one per GPU (default: all visible; "
                                                               "0 or 1: one process)")
     p.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto")
+    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights after "
+                   "loading, as LLaVA's model builder does (faster; recorded: answers may differ by rounding)")
     p.add_argument("--image-aspect-ratio", choices=("pad", "square"), default="pad")
     p.add_argument("--compat", choices=("official", "paper"), default="official", help="scoring mode")
     p.add_argument("--method", default=None, help="run_meta method (default: run_args.json)")

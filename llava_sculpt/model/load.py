@@ -267,11 +267,13 @@ def load_partial_model(model, run_dir: str) -> None:
 
 
 def load_for_inference(model_path: str, model_base: str | None = None, dtype: torch.dtype = torch.float32,
-                       attn_implementation: str = "sdpa"):
+                       attn_implementation: str = "sdpa", merge_lora: bool = False):
     """(model, processor) for generation.  `model_path` is a run/checkpoint directory with a PEFT adapter
     (base from `model_base`, else the adapter's recorded base; a registered `RunFormat` loads the adapters
     plain PEFT cannot), a run without LoRA (partial_model.json: the base with the trained tensors replaced), or
-    a plain/merged HF checkpoint."""
+    a plain/merged HF checkpoint.  `merge_lora`: fold an adapter into the base weights after loading (PEFT's
+    merge_and_unload, what LLaVA's model builder does when it loads a LoRA run for evaluation): the same model,
+    without the per-layer adapter matmuls, casts and additions at every forward pass."""
     from peft import PeftModel
 
     if os.path.isfile(os.path.join(model_path, PARTIAL_CONFIG)):
@@ -302,5 +304,11 @@ def load_for_inference(model_path: str, model_base: str | None = None, dtype: to
         model = fmt.load(model, model_path)
     else:
         model = PeftModel.from_pretrained(model, model_path)
+    if merge_lora:
+        try:
+            model = model.merge_and_unload()
+        except (AttributeError, NotImplementedError, ValueError, TypeError) as error:
+            raise UserError(f"--merge-lora: the adapter in {model_path} cannot be merged into its base ({error}); "
+                            "evaluate it without --merge-lora") from None
     processor_dir = model_path if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")) else model_base
     return model.eval(), load_processor(processor_dir)
