@@ -58,13 +58,13 @@ def test_ablation_and_lambda_sweep_rows_train_the_flags_they_name(tmp_path):
         assert _without(flags[m], "--cmr_lambda", "--sculpt_step", "--output_dir") == \
             _without(flags["sculpt"], "--cmr_lambda", "--sculpt_step", "--output_dir"), m
     assert run_label("sculpt-lambda0.7", 8) == "LoRASculpt, lambda 0.7 r8"
-    # float32 by default; --bf16 True is LLaVA's --bf16 True (on CPU with --use_cpu True); the LoRA dropout is the
-    # setting's
-    assert _flag(flags["lora"], "--bf16") == "False" and "--use_cpu" not in flags["lora"]
-    assert float(_flag(flags["lora"], "--lora_dropout")) == s.lora_dropout == 0.05
-    fast = finetune_flags(replace(s, bf16=True, lora_dropout=0.0), "lora", 8, 0, tmp_path / "m", tmp_path / "d",
-                          tmp_path / "lora")
-    assert _flag(fast, "--bf16") == "True" and _flag(fast, "--use_cpu") == "True" and _flag(fast, "--lora_dropout") == "0.0"
+    # fine-tuning in bf16 by default (LLaVA's --bf16 True; on CPU with --use_cpu True) without LoRA dropout;
+    # --bf16 False --lora-dropout 0.05 give float32 and the authors' dropout.  The stages keep float32.
+    assert _flag(flags["lora"], "--bf16") == "True" and _flag(flags["lora"], "--use_cpu") == "True"
+    assert float(_flag(flags["lora"], "--lora_dropout")) == s.lora_dropout == 0.0
+    f32 = finetune_flags(replace(s, bf16=False, lora_dropout=0.05), "lora", 8, 0, tmp_path / "m", tmp_path / "d",
+                         tmp_path / "lora")
+    assert _flag(f32, "--bf16") == "False" and "--use_cpu" not in f32 and _flag(f32, "--lora_dropout") == "0.05"
     with pytest.raises(Exception, match="--cmr-lambdas"):
         main(["--cmr-lambdas", "0.1,-1", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
@@ -113,13 +113,17 @@ def test_methods_all_plans_each_method_as_the_demo_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capsys):
+def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
+    """The default --jobs 2: the two fine-tuning runs train at once in spawned processes (their lines reach the
+    terminal: capfd); the rerun, one at a time, reuses them."""
     lm = make_lm(tmp_path / "lm", "qwen2")
     out = tmp_path / "real"
+    assert RealSettings().jobs == 2
     summary = run_real(out, RealSettings(**TINY), tmp_path / "unused_world", language_model=str(lm),
                        vision_tower=str(tiny_dir / "model"))
-    printed = capsys.readouterr().out
-    for stage in ("composed LLaVA-1.5 checkpoint", "stage 1", "stage 2", "knowledge:", "LoRASculpt r4, seed 0"):
+    printed = capfd.readouterr().out
+    for stage in ("composed LLaVA-1.5 checkpoint", "stage 1", "stage 2", "knowledge:", "LoRA r4, seed 0:",
+                  "LoRASculpt r4, seed 0:"):
         assert stage in printed
     # stage 1 wrote LLaVA's projector file; stage 2 was merged into the reference model
     assert (out / "runs" / "stage1" / "mm_projector.bin").is_file()
@@ -150,7 +154,8 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capsys):
     assert "| Knowledge | Retention |" in (out / "table1_iconqa.md").read_text()
     # a rerun reuses every stage: no file of the output changes
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
-    run_real(out, RealSettings(**TINY), tmp_path / "unused_world", language_model=str(lm), vision_tower=str(tiny_dir / "model"))
+    run_real(out, RealSettings(**TINY, jobs=1), tmp_path / "unused_world", language_model=str(lm),
+             vision_tower=str(tiny_dir / "model"))
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()
              and "logs" not in p.relative_to(out).parts}
     changed = [str(p.relative_to(out)) for p in after if before.get(p) != after[p]]
