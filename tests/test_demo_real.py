@@ -80,7 +80,8 @@ def test_command_line_settings():
     assert parse_args([])[1] == RealSettings()
     _, s = parse_args(["--methods", "all"])
     assert "dare" in s.methods and "full" in s.methods and s.methods[-1] == "sculpt"
-    for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"]):
+    assert parse_args(["--jobs", "1", "--stage-bf16", "True"])[1] == RealSettings(jobs=1, stage_bf16=True)
+    for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"], ["--jobs", "0"]):
         with pytest.raises((SystemExit, Exception)):
             parse_args(bad)
 
