@@ -399,8 +399,7 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
              "--eval_max_questions", str(s.curve_questions),
              "--eval_every", str(max(1, total_steps // max(1, s.curve_points))),
              "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", str(KNOWLEDGE_NEW_TOKENS)]
-    if method.startswith(SWEEP):
-        s, method = replace(s, cmr_lambda=sweep_lambda(method)), "sculpt"
+    method, s = row_method(method, s)
     if method.startswith("sculpt"):
         flags = _sculpt_flags(flags, s, method, total_steps)
     if method in LORA_INIT_VARIANTS:  # lora-pissa etc.: `--method lora --init_lora_weights pissa` (as the demo)
@@ -414,7 +413,7 @@ def run_plan(method: str, ranks: Sequence[int]) -> tuple[tuple[int | None, ...],
     intruders) is scored on the model it writes to RUN/merged."""
     from llava_sculpt.demo import _method_class
 
-    method_class = _method_class("sculpt" if method.startswith(SWEEP) else method)
+    method_class = _method_class(row_method(method)[0])
     return (tuple(ranks) if method_class.uses_lora else (None,),
             "merged" if getattr(method_class, "transform_name", None) else None)
 
@@ -422,8 +421,12 @@ def run_plan(method: str, ranks: Sequence[int]) -> tuple[tuple[int | None, ...],
 SWEEP = "sculpt-lambda"  # the method name of a LoRASculpt run at another CMR lambda: sculpt-lambda0.7
 
 
-def sweep_lambda(method: str) -> float:
-    return float(method[len(SWEEP):])
+def row_method(method: str, s: RealSettings | None = None) -> tuple[str, RealSettings | None]:
+    """(the `--method` a row trains, its settings): a sweep row "sculpt-lambdaX" is LoRASculpt at cmr_lambda X;
+    every other row is its own method at the given settings."""
+    if method.startswith(SWEEP):
+        return "sculpt", replace(s, cmr_lambda=float(method[len(SWEEP):])) if s is not None else None
+    return method, s
 
 
 def run_methods(s: RealSettings) -> list[str]:
