@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -528,20 +529,36 @@ def background(jobs: int):
         yield _InProcess()
         return
     import multiprocessing
+    import signal
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
         yield pool
+    except BaseException:
+        # Ctrl-C (or a failed run): the workers stop as a Ctrl-C stops a run in this process (KeyboardInterrupt
+        # at the next Python instruction; a rerun resumes from the last checkpoint), and no queued run starts
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def in_worker(threads: int, fn, *args):
     """fn(*args) on `threads` torch threads, with the CLI's filter of known noise (a spawned process starts
     without it); in this process (background(1)) the thread count is restored afterwards."""
+    import multiprocessing
+    import signal
+
     import torch
 
     from llava_sculpt import quiet
 
     quiet.install()
+    if multiprocessing.parent_process() is not None:  # a spawned worker: Ctrl-C stops it as it stops this process
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (even when started with SIGINT ignored)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -577,14 +594,25 @@ def fine_tune_all(plan: Sequence[FineTune], out: Path, s: RealSettings, referenc
     one after the other on two threads (small matmuls and the optimizer's element-wise work use a second
     thread poorly): they run in spawned processes, each with cores // jobs threads.  A run's result does not
     depend on the others; threads change only the rounding."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     import torch
 
     jobs = max(1, min(s.jobs, len(plan)))
-    threads = max(1, torch.get_num_threads() // jobs) if jobs > 1 else torch.get_num_threads()
+    if jobs == 1:
+        return {job: fine_tune(job, out, s, reference, data_root, started) for job in plan}
+    threads = max(1, torch.get_num_threads() // jobs)
+    results, pending, running = {}, list(plan), {}
     with background(jobs) as pool:
-        futures = {job: pool.submit(in_worker, threads, fine_tune, job, out, s, reference, data_root, started)
-                   for job in plan}
-        return {job: future.result() for job, future in futures.items()}
+        # at most `jobs` runs submitted at a time: the pool queues nothing a Ctrl-C would then have to wait for
+        while pending or running:
+            while pending and len(running) < jobs:
+                job = pending.pop(0)
+                running[pool.submit(in_worker, threads, fine_tune, job, out, s, reference, data_root, started)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
+    return {job: results[job] for job in plan}
 
 
 def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_model: str | None = None,

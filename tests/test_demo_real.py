@@ -162,3 +162,35 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
     changed = [str(p.relative_to(out)) for p in after if before.get(p) != after[p]]
     assert not changed, changed
     assert os.path.isdir(out / "models" / "composed")
+
+
+def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path):
+    """Ctrl-C during `fine_tune_all` with --jobs 2: the running runs are interrupted (SIGINT, as in the terminal)
+    and the queued ones never start, so the demo stops in seconds, not after the runs already handed out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "import llava_sculpt.demo_real as dr\n"
+        "def slow(*args):\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    dr.fine_tune = slow\n"
+        "    print('started', flush=True)\n"
+        "    try:\n"
+        "        dr.fine_tune_all([dr.FineTune('lora', 8, i) for i in range(4)], None, dr.RealSettings(jobs=2), None,\n"
+        "                         None, time.monotonic())\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(8)  # both workers spawned and sleeping in their first run
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=50)
+    assert "interrupted" in out and time.monotonic() - sent < 20
