@@ -21,7 +21,7 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
        OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
 
 Speed on 2 CPU cores (the README measures each): stages 1 and 2 train in float32; the fine-tuning runs train
-in LLaVA's bf16 (--bf16 True; on CPU autocast with `--use_cpu True`, ~2x faster than float32) without LoRA
+in LLaVA's bf16 (--bf16 True; on CPU autocast with `--use_cpu True`, ~1.7x faster than float32) without LoRA
 dropout (PEFT's default; the authors' 0.05 costs ~40% of a bf16 CPU step here), two at once (--jobs 2, one
 thread each); evaluation generates in bf16 with the adapter merged on load (`eval --merge-lora`, as LLaVA's
 builder does).  --bf16 False --lora-dropout 0.05 --eval-dtype auto --jobs 1 is the float32 recipe.
@@ -87,7 +87,7 @@ class RealSettings:
     sculpt_warmup: float = 0.3
     cmr_lambda: float = 7e-3            # the paper's 1e-3 x 4096 / 576 (SmolLM2's width)
     bf16: bool = True                   # fine-tuning in LLaVA's --bf16 True (on CPU: autocast with --use_cpu
-                                        # True over float32 LoRA weights): ~2x faster than float32 here
+                                        # True over float32 LoRA weights): ~1.7x faster than float32 here
     jobs: int = 2                       # fine-tuning runs at once, each on cores/jobs threads (2 cores: +30%)
     # evaluation
     eval_dtype: str = "bfloat16"        # generation (`eval --dtype`, adapters merged on load as LLaVA's builder
@@ -576,6 +576,20 @@ def fine_tune(job: FineTune, out: Path, s: RealSettings, reference: Path, data_r
     run, t0 = job.run_dir(out), time.monotonic()
     label = run_label(job.method, job.rank)
     log = out / "logs" / f"{run.name}.log"
+    # a run fine-tuned from another reference LLaVA (stage 2 rebuilt since) is trained again, not reused: its
+    # flags would match, and its scores would mix two reference models
+    stamp_path, stamp = run.parent / f"{run.name}.reference.json", {"reference": _fingerprint(reference)}
+    try:
+        same_reference = json.loads(stamp_path.read_text()) == stamp
+    except (OSError, json.JSONDecodeError):
+        same_reference = False
+    if run.exists() and not same_reference:
+        import shutil
+
+        _log(f"{label}, seed {job.seed}: {run} was fine-tuned from another reference LLaVA; training it again",
+             started)
+        shutil.rmtree(run)
+    write_json_if_changed(stamp_path, stamp)
     _cli(["train", *finetune_flags(s, job.method, job.rank or 8, job.seed, reference, data_root, run)], log,
          f"training {run}", _prefix(started, f"{label}, seed {job.seed}, training "))
     evaluated = run_plan(job.method, s.ranks)[1]

@@ -161,6 +161,17 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
              and "logs" not in p.relative_to(out).parts}
     changed = [str(p.relative_to(out)) for p in after if before.get(p) != after[p]]
     assert not changed, changed
+    # a fine-tuning run made from another reference LLaVA (here: the reference's weights file rewritten) is
+    # trained again, not reused with its old scores
+    weights = next((out / "models" / "llava").glob("*.safetensors"))
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 10))
+    adapter = out / "runs" / "lora_r4_seed0" / "adapter_model.safetensors"
+    trained = adapter.stat().st_mtime_ns
+    capfd.readouterr()
+    run_real(out, RealSettings(**TINY, jobs=1), tmp_path / "unused_world", language_model=str(lm),
+             vision_tower=str(tiny_dir / "model"))
+    assert "was fine-tuned from another reference LLaVA; training it again" in capfd.readouterr().out
+    assert adapter.stat().st_mtime_ns != trained
     assert os.path.isdir(out / "models" / "composed")
 
 
