@@ -21,10 +21,12 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
        OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
 
 Speed on 2 CPU cores (the README measures each): stages 1 and 2 train in float32; the fine-tuning runs train
-in LLaVA's bf16 (--bf16 True; on CPU autocast with `--use_cpu True`, ~1.7x faster than float32) without LoRA
-dropout (PEFT's default; the authors' 0.05 costs ~40% of a bf16 CPU step here), two at once (--jobs 2, one
-thread each); evaluation generates in bf16 with the adapter merged on load (`eval --merge-lora`, as LLaVA's
-builder does).  --bf16 False --lora-dropout 0.05 --eval-dtype auto --jobs 1 is the float32 recipe.
+without LoRA dropout (PEFT's default; the authors' 0.05 costs ~40% of a bf16 CPU step), two at once (--jobs 2,
+one thread each), and evaluation generates with the adapter merged on load (`eval --merge-lora`, as LLaVA's
+builder does).  On a CPU that computes bfloat16 natively (AVX512-BF16 or AMX) fine-tuning runs in LLaVA's bf16
+(--bf16 True; on CPU autocast with `--use_cpu True`, ~1.7x faster than float32) and evaluation in bf16; on
+other CPUs, where torch emulates bf16 hundreds of times slower, both stay float32 (--bf16 auto, --eval-dtype
+auto).  --bf16 False --lora-dropout 0.05 --eval-dtype float32 --jobs 1 is the float32 recipe.
 --ablation adds LoRASculpt with pruning only and with the CMR only; --cmr-lambdas adds LoRASculpt at
 other CMR lambdas (rows "sculpt-lambdaX"); --methods all runs every method the demo knows (hours at this size).
 
@@ -86,17 +88,30 @@ class RealSettings:
     sculpt_ratio: float = 0.1
     sculpt_warmup: float = 0.3
     cmr_lambda: float = 7e-3            # the paper's 1e-3 x 4096 / 576 (SmolLM2's width)
-    bf16: bool = True                   # fine-tuning in LLaVA's --bf16 True (on CPU: autocast with --use_cpu
-                                        # True over float32 LoRA weights): ~1.7x faster than float32 here
+    bf16: bool | None = None            # fine-tuning in LLaVA's --bf16 True (on CPU: autocast with --use_cpu
+                                        # True over float32 LoRA weights, ~1.7x faster than float32 where the CPU
+                                        # has native bf16); None = auto: True exactly where it is native
     jobs: int = 2                       # fine-tuning runs at once, each on cores/jobs threads (2 cores: +30%)
     # evaluation
-    eval_dtype: str = "bfloat16"        # generation (`eval --dtype`, adapters merged on load as LLaVA's builder
-                                        # does); the text loss is always float32
+    eval_dtype: str = "auto"            # generation (`eval --dtype`, adapters merged on load as LLaVA's builder
+                                        # does); auto: bfloat16 where the CPU has native bf16, else float32; the
+                                        # text loss is always float32
     questions: int = 40                 # per visual benchmark
     knowledge_questions: int = 100      # the first N of the list (20 per domain: they alternate); 0 = all 530
     text_loss_chunks: int = 16          # the held-out text's first 16 chunks of 256 tokens (0 = all ~56)
     curve_questions: int = 16           # per benchmark at each point of the curves (knowledge included)
     curve_points: int = 2               # evaluation points during each fine-tuning run (and step 0: the reference)
+
+
+    def resolved(self) -> RealSettings:
+        """The "auto" precisions fixed for this machine (summary.json records what ran): bf16 fine-tuning and
+        evaluation where the CPU computes bf16 natively, float32 elsewhere."""
+        from llava_sculpt.training.arguments import cpu_bf16_is_native
+
+        native = cpu_bf16_is_native()
+        return replace(self, bf16=native if self.bf16 is None else self.bf16,
+                       eval_dtype=("bfloat16" if native else "float32") if self.eval_dtype == "auto"
+                       else self.eval_dtype)
 
 
 def _log(text: str, started: float) -> None:
@@ -390,6 +405,7 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
     scale), evaluated during training on the sources, the knowledge benchmark and the target."""
     from llava_sculpt.demo import LORA_INIT_VARIANTS, _image_folder, _lora_init_flags, _sculpt_flags
 
+    s = s.resolved()
     total_steps = s.epochs * math.ceil(s.num_train / s.batch_size)
     flags = ["--method", method, "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
              "--lora_alpha", str(2 * rank), "--lora_dropout", str(s.lora_dropout), "--learning_rate", str(s.learning_rate),
@@ -639,6 +655,12 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
 
     started = time.monotonic()
     out = Path(out)
+    from llava_sculpt.training.arguments import cpu_bf16_is_native
+
+    s = s.resolved()
+    _log(f"precision: fine-tuning in {'bf16' if s.bf16 else 'float32'}, evaluation in {s.eval_dtype}, stages 1-2 "
+         f"in {'bf16' if s.stage_bf16 else 'float32'} (this CPU computes bf16 "
+         f"{'natively' if cpu_bf16_is_native() else 'only by emulation, many times slower than float32'})", started)
     if language_model is None:
         from llava_sculpt.model.smollm2 import fetch_smollm2
 
@@ -769,7 +791,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
     for f in fields(RealSettings):
         if f.name in ("methods", "ranks", "seeds", "ablation", "cmr_lambdas"):
             continue
-        if isinstance(f.default, bool):  # --bf16 True/False, parsed as train's own flags are
+        if f.name == "bf16":
+            p.add_argument("--bf16", type=_auto_bool, default=None, metavar="{auto,True,False}",
+                           help="fine-tuning in bf16; default auto: where this CPU computes bf16 natively")
+        elif isinstance(f.default, bool):  # --stage-bf16 True/False, parsed as train's own flags are
             from transformers.hf_argparser import string_to_bool
 
             p.add_argument("--" + f.name.replace("_", "-"), type=string_to_bool, default=f.default, metavar="{True,False}",
@@ -777,7 +802,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
         else:
             p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            choices=("auto", "float32", "bfloat16") if f.name == "eval_dtype" else None,
-                           help=f"default {f.default}")
+                           help=f"default {f.default}" + (" (bfloat16 where this CPU computes bf16 natively, else "
+                                                          "float32)" if f.name == "eval_dtype" else ""))
     args = p.parse_args(argv)
     from llava_sculpt.demo import _csv, _method_class, all_methods
 
@@ -794,6 +820,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
     settings = RealSettings(**{**values, "methods": methods, "ranks": _csv(args.ranks, int),
                                "seeds": _csv(args.seeds, int), "cmr_lambdas": lambdas})
     return args, settings
+
+
+def _auto_bool(text: str) -> bool | None:
+    from transformers.hf_argparser import string_to_bool
+
+    return None if text == "auto" else string_to_bool(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

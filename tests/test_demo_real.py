@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from llava_sculpt.demo_real import RealSettings, run_real, text_prompts
+from llava_sculpt.training.arguments import cpu_bf16_is_native
 from tests.test_compose import make_lm
 
 TINY = dict(seeds=(0,), ranks=(4,), captions=16, stage2_per_skill=4, stage2_text=8, stage2_rank=4, num_train=16,
@@ -58,9 +59,13 @@ def test_ablation_and_lambda_sweep_rows_train_the_flags_they_name(tmp_path):
         assert _without(flags[m], "--cmr_lambda", "--sculpt_step", "--output_dir") == \
             _without(flags["sculpt"], "--cmr_lambda", "--sculpt_step", "--output_dir"), m
     assert run_label("sculpt-lambda0.7", 8) == "LoRASculpt, lambda 0.7 r8"
-    # fine-tuning in bf16 by default (LLaVA's --bf16 True; on CPU with --use_cpu True) without LoRA dropout;
-    # --bf16 False --lora-dropout 0.05 give float32 and the authors' dropout.  The stages keep float32.
-    assert _flag(flags["lora"], "--bf16") == "True" and _flag(flags["lora"], "--use_cpu") == "True"
+    # fine-tuning without LoRA dropout, in bf16 where this CPU computes it natively (LLaVA's --bf16 True; on CPU
+    # with --use_cpu True), in float32 elsewhere (auto); --bf16 False --lora-dropout 0.05 give float32 and the
+    # authors' dropout.  The stages keep float32.
+    native = cpu_bf16_is_native()
+    assert _flag(flags["lora"], "--bf16") == str(native) and ("--use_cpu" in flags["lora"]) == native
+    bf16 = finetune_flags(replace(s, bf16=True), "lora", 8, 0, tmp_path / "m", tmp_path / "d", tmp_path / "lora")
+    assert _flag(bf16, "--bf16") == "True" and _flag(bf16, "--use_cpu") == "True"
     assert float(_flag(flags["lora"], "--lora_dropout")) == s.lora_dropout == 0.0
     f32 = finetune_flags(replace(s, bf16=False, lora_dropout=0.05), "lora", 8, 0, tmp_path / "m", tmp_path / "d",
                          tmp_path / "lora")
@@ -77,13 +82,37 @@ def test_command_line_settings():
                        "--methods", "lora,sculpt,full", "--seeds", "1,2", "--eval-dtype", "float32"])
     assert s == RealSettings(bf16=True, lora_dropout=0.0, cmr_lambdas=(0.7, 7.0), ablation=True,
                              methods=("lora", "sculpt", "full"), seeds=(1, 2), eval_dtype="float32")
-    assert parse_args([])[1] == RealSettings()
+    assert parse_args([])[1] == RealSettings() == parse_args(["--bf16", "auto", "--eval-dtype", "auto"])[1]
+    assert RealSettings().bf16 is None and RealSettings().eval_dtype == "auto"
     _, s = parse_args(["--methods", "all"])
     assert "dare" in s.methods and "full" in s.methods and s.methods[-1] == "sculpt"
     assert parse_args(["--jobs", "1", "--stage-bf16", "True"])[1] == RealSettings(jobs=1, stage_bf16=True)
     for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"], ["--jobs", "0"]):
         with pytest.raises((SystemExit, Exception)):
             parse_args(bad)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_it(monkeypatch, native):
+    """--bf16 auto / --eval-dtype auto: bf16 where the CPU computes it natively; float32 where torch would
+    emulate it (hundreds of times slower); an explicit value is kept either way."""
+    import llava_sculpt.training.arguments as arguments
+
+    monkeypatch.setattr(arguments, "cpu_bf16_is_native", lambda: native)
+    s = RealSettings().resolved()
+    assert (s.bf16, s.eval_dtype) == ((True, "bfloat16") if native else (False, "float32"))
+    s = RealSettings(bf16=not native, eval_dtype="float32" if native else "bfloat16").resolved()
+    assert (s.bf16, s.eval_dtype) == ((False, "float32") if native else (True, "bfloat16"))
+
+
+def test_native_bf16_agrees_with_the_cpu_flags():
+    """torch's answer against the kernel's own list of CPU features (Linux): AVX512-BF16 or AMX."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    assert cpu_bf16_is_native() == bool(flags & {"avx512_bf16", "amx_tile"})
 
 
 def test_methods_all_plans_each_method_as_the_demo_does(tmp_path):

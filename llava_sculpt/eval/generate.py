@@ -598,7 +598,19 @@ def load_model(model_path: str, model_base: str | None, dtype_name: str = "auto"
                                           merge_lora=merge_lora)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_cpu_dtype(model.dtype, device)
     return model.to(device), processor
+
+
+def check_cpu_dtype(dtype, device: str) -> None:
+    """A note where bf16 generation on this CPU is emulated (many times slower than float32)."""
+    import torch
+
+    from llava_sculpt.training.arguments import cpu_bf16_is_native
+
+    if dtype == torch.bfloat16 and str(device).startswith("cpu") and not cpu_bf16_is_native():
+        print("note: --dtype bfloat16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch emulates "
+              "it, many times slower than float32 here", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import re
 from llava_sculpt.data.conversation import get_template
 from llava_sculpt.errors import UserError
 from llava_sculpt.methods import METHODS, get_method_class
-from llava_sculpt.training.arguments import has_accelerator
+from llava_sculpt.training.arguments import cpu_bf16_is_native, has_accelerator
 
 
 # `--report_to X` needs a package that llava-sculpt does not install by default
@@ -76,6 +76,7 @@ def validate_llava_flags(model_args, data_args, training_args, config) -> None:
     get_template(model_args.version)
     check_deepspeed_config(training_args.deepspeed)
     check_cpu_data_parallel(training_args)
+    check_cpu_precision(training_args)
     from llava_sculpt.methods import lora_init
 
     lora_init.validate(training_args, uses_lora, model_args.method)
@@ -107,6 +108,14 @@ def check_cpu_data_parallel(training_args) -> None:
         raise UserError(f"{world} processes without a GPU: pass --use_cpu True so that they train one model "
                         "together (DDP over gloo); without it transformers splits the data but each process "
                         "trains its own copy")
+
+
+def check_cpu_precision(training_args) -> None:
+    """LLaVA's scripts pass --bf16 True; on a CPU without native bf16 that trains, but far slower than float32."""
+    on_cpu = training_args.use_cpu or not has_accelerator()
+    if training_args.bf16 and on_cpu and not cpu_bf16_is_native():
+        print("note: --bf16 True on a CPU without native bfloat16 (no AVX512-BF16 or AMX): torch emulates it, "
+              "many times slower than float32 here; --bf16 False trains in float32")
 
 
 def check_deepspeed_config(deepspeed) -> None:
