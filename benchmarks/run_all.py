@@ -1,6 +1,6 @@
 """`make bench`: run the CPU benchmarks and print one summary table of the targets (PASS / MISS).
 
-    python benchmarks/run_all.py [--only layer,step,generate,adapter,omp,loss,merge] [--quick] [--out playground/bench/summary.json]
+    python benchmarks/run_all.py [--only layer,step,generate,adapter,omp,loss,merge,bf16] [--quick] [--out playground/bench/summary.json]
 
     layer     bench_layer.py        CMR time / the layer's LoRA step (2048 tokens), CMR memory / dense
     step      bench_sculpt_step.py  LoRASculpt / LoRA step time, 2 Llama-7B-wide layers, 1024 and 256 tokens
@@ -12,6 +12,8 @@
                                     peak memory, SmolLM2-135M-shaped LLaVA, batch 8 x ~100 tokens; same loss
     merge     bench_merge_generate.py  generation with the adapter merged on load / kept apart, bf16 and fp32
                                     (same fp32 answers); bf16 lm_head on a contiguous / strided input
+    bf16      bench_cpu_bf16.py     bf16 / float32 on this CPU (matmul, a layer's training step): does --bf16
+                                    auto pick the faster one?
 
 Each benchmark runs in its own process and measures its compared variants side by side (alternating, median).
 The summary goes to stdout and, as JSON, to --out (playground/ is git-ignored).  About 8-10 minutes on 2 CPU
@@ -44,6 +46,7 @@ BENCHES = {  # name -> (script, extra args, quick args)
     "omp": ("bench_omp_wait.py", [], ["--steps", "10", "--reps", "1"]),
     "loss": ("bench_labelled_loss.py", [], ["--reps", "1", "--no-memory"]),
     "merge": ("bench_merge_generate.py", [], ["--reps", "1", "--layers", "8"]),
+    "bf16": ("bench_cpu_bf16.py", [], ["--reps", "1"]),
 }
 
 

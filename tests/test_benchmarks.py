@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_sculpt.training.arguments import cpu_bf16_is_native
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -122,6 +124,7 @@ def test_bench_helpers_on_tiny_shapes(tmp_path, monkeypatch, restore_threads):
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     import bench_adapter_size
     import bench_common
+    import bench_cpu_bf16
     import bench_generate
     import bench_layer
     import bench_merge_generate
@@ -148,6 +151,10 @@ def test_bench_helpers_on_tiny_shapes(tmp_path, monkeypatch, restore_threads):
         "generation bf16: merged / adapter time", "generation fp32: merged / adapter time (same answers)",
         "bf16 lm_head: contiguous / strided input time"]
     assert set(merge["seconds"]) == {"float32 adapter", "float32 merged", "bfloat16 adapter", "bfloat16 merged"}
+
+    bf16 = bench_cpu_bf16.run(size=32, tokens=4, reps=1)
+    assert bf16["native_bf16"] == cpu_bf16_is_native() and set(bf16["gflops"]) == {"float32", "bfloat16"}
+    assert bf16["checks"][0]["op"] == ("<=" if bf16["native_bf16"] else ">=")
 
     gen = bench_generate.run(n_questions=4, batch=2, max_new_tokens=3, reps=1)
     assert gen["identical"] and gen["rate_b1"] > 0 and gen["checks"][0]["name"].startswith("generation")
