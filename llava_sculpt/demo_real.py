@@ -102,7 +102,6 @@ class RealSettings:
     curve_questions: int = 16           # per benchmark at each point of the curves (knowledge included)
     curve_points: int = 2               # evaluation points during each fine-tuning run (and step 0: the reference)
 
-
     def resolved(self) -> RealSettings:
         """The "auto" precisions fixed for this machine (summary.json records what ran): bf16 fine-tuning and
         evaluation where the CPU computes bf16 natively, float32 elsewhere."""
