@@ -144,6 +144,35 @@ def test_fresh_run_starts_a_new_curve(tmp_path):
     assert not (tmp_path / CURVE_FILE).exists() and not (tmp_path / "eval_curve").exists()
 
 
+class _Recorder(EvalDuringTraining):
+    """The callback's schedule alone: which steps it would evaluate."""
+
+    def evaluate(self, args, state, model):
+        self.evaluated.add(state.global_step)
+        self.points.append(state.global_step)
+
+
+@pytest.mark.parametrize("every,last_step,stop,expected", [
+    (2, True, None, [2, 4, 6]),      # the grid reaches the last step
+    (2, False, None, [2, 4]),        # --eval_last_step False: not even there
+    (4, True, None, [4, 6]),         # the last step added to the grid
+    (4, False, None, [4]),
+    (4, True, 5, [4, 5]),            # stopped early (another callback): the last model is scored at train end
+    (4, False, 5, [4]),
+])
+def test_eval_last_step_schedule(every, last_step, stop, expected):
+    plan = EvalPlan(work=[], every=every, on_start=False, batch_size=1, max_new_tokens=None, max_questions=None,
+                    last_step=last_step)
+    callback = _Recorder(plan, None, "unused", resume="unused")
+    callback.points = []
+    state = SimpleNamespace(global_step=0, max_steps=6, epoch=0.0, is_world_process_zero=False)
+    for step in range(1, (stop or 6) + 1):
+        state.global_step, state.epoch = step, step / 6
+        callback.on_step_end(None, state, None)
+    callback.on_train_end(None, state, None)
+    assert callback.points == expected
+
+
 def test_evaluation_mode_restores_each_module_and_use_cache():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     model.train()
@@ -168,6 +197,7 @@ def test_evaluation_mode_restores_each_module_and_use_cache():
      ["--eval_max_questions must be at least 1"]),
     (["--eval_every", "5"], ["--eval_every", "without --eval_benchmarks"]),
     (["--eval_on_start", "True"], ["--eval_on_start", "--eval_benchmarks"]),
+    (["--eval_last_step", "False"], ["--eval_last_step", "without --eval_benchmarks"]),
 ])
 def test_bad_evaluation_flags_are_clear_errors_before_loading(tiny_dir, data_root, tmp_path, capsys, extra, expected):
     from helpers import train_args

@@ -19,7 +19,9 @@ under the autocast of --bf16/--fp16, as the training forward does (trainable ten
 The images are prepared with the run's --image_aspect_ratio.
 
 When: at each epoch end (--eval_every epoch, the default) or every N optimizer steps, and at the last step;
-with --eval_on_start True also at step 0 (the model before training).  HF's own --eval_on_start loss
+with --eval_on_start True also at step 0 (the model before training).  --eval_last_step False leaves out the
+last step, even when it is an --eval_every point: for a run whose saved model is evaluated in full afterwards
+(`demo-real` takes the curve's last point from that evaluation instead of generating it twice).  HF's own --eval_on_start loss
 evaluation needs an eval dataset, which llava-sculpt does not have: with --eval_benchmarks the flag is taken
 over by this evaluation (and recorded as False in run_args.json).
 
@@ -82,6 +84,7 @@ class EvalPlan:
     max_questions: int | None
     image_aspect_ratio: str = "pad"
     compat: str = "official"
+    last_step: bool = True     # --eval_last_step: also at the last step (False: never there)
 
 
 def parse_every(value) -> int | None:
@@ -111,7 +114,9 @@ def plan_from_args(training_args, data_args=None) -> EvalPlan | None:
         given = [flag for flag, value, default in (("--eval_data_root", training_args.eval_data_root, None),
                                                    ("--eval_max_questions", training_args.eval_max_questions, None),
                                                    ("--eval_max_new_tokens", training_args.eval_max_new_tokens, None),
-                                                   ("--eval_every", training_args.eval_every, "epoch"))
+                                                   ("--eval_every", training_args.eval_every, "epoch"),
+                                                   ("--eval_last_step", getattr(training_args, "eval_last_step", True),
+                                                    True))
                  if value != default]
         if given:
             raise UserError(f"{', '.join(given)} given without --eval_benchmarks: nothing would be evaluated; add "
@@ -158,7 +163,8 @@ def plan_from_args(training_args, data_args=None) -> EvalPlan | None:
                     batch_size=training_args.per_device_eval_batch_size,
                     max_new_tokens=training_args.eval_max_new_tokens,
                     max_questions=training_args.eval_max_questions,
-                    image_aspect_ratio=getattr(data_args, "image_aspect_ratio", "pad") or "pad")
+                    image_aspect_ratio=getattr(data_args, "image_aspect_ratio", "pad") or "pad",
+                    last_step=bool(getattr(training_args, "eval_last_step", True)))
     training_args.eval_on_start = False  # taken over: the Trainer's loss evaluation has no dataset
     return plan
 
@@ -357,12 +363,14 @@ class EvalDuringTraining:
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         due = (_is_epoch_end(state.epoch) if self.plan.every is None else step % self.plan.every == 0)
-        if (due or step >= state.max_steps) and step not in self.evaluated:
+        last = step >= state.max_steps
+        if (last and self.plan.last_step or due and not last) and step not in self.evaluated:
             self.evaluate(args, state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         # training stopped before max_steps (e.g. by another callback): the last model is scored too
-        if state.global_step > self.start_step and state.global_step not in self.evaluated:
+        if (self.plan.last_step and state.global_step > self.start_step
+                and state.global_step not in self.evaluated):
             self.evaluate(args, state, model)
 
     def _show_once(self, text: str) -> None:

@@ -165,6 +165,9 @@ class TrainingArguments(transformers.TrainingArguments):
                             "step 0 with --eval_on_start True. Generation batch size: --per_device_eval_batch_size"})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "--eval_benchmarks: generation length "
                                             "(default: each spec's max_new_tokens)"})
+    eval_last_step: bool = field(default=True, metadata={"help": "--eval_benchmarks: also score the last step "
+                                 "(default True); False: never the last step, even when it is an --eval_every point "
+                                 "(when the saved run is evaluated in full afterwards, as `demo-real` does)"})
     full_logits: bool = field(default=False, metadata={"help": "apply the LM head at every position, as "
                               "transformers does (default False: in training only at the positions whose next "
                               "token is labelled, see llava_sculpt/model/labelled_loss.py; the same loss and "

@@ -81,6 +81,7 @@ HOUSEKEEPING_ARGS = frozenset({
     "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "do_train", "do_eval",
     "do_predict", "torch_empty_cache_steps",
     "eval_benchmarks", "eval_data_root", "eval_max_questions", "eval_every", "eval_max_new_tokens",
+    "eval_last_step",
     "progress_every", "full_logits",  # full_logits: the same loss and gradients, computed another way
 })
 
