@@ -237,6 +237,12 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
              vision_tower=str(tiny_dir / "model"))
     assert "was fine-tuned from another reference LLaVA; training it again" in capfd.readouterr().out
     assert adapter.stat().st_mtime_ns != trained
+    # so is one trained by another fine-tuning recipe (`train` would refuse to overwrite it)
+    trained = adapter.stat().st_mtime_ns
+    run_real(out, RealSettings(**{**TINY, "learning_rate": 1e-3}, jobs=1), tmp_path / "unused_world",
+             language_model=str(lm), vision_tower=str(tiny_dir / "model"))
+    assert "was fine-tuned from another fine-tuning recipe; training it again" in capfd.readouterr().out
+    assert adapter.stat().st_mtime_ns != trained
     assert os.path.isdir(out / "models" / "composed")
     # restricted to all the questions the final evaluation asked, the curve's point is that evaluation's scores
     import shutil
