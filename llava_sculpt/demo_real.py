@@ -14,13 +14,15 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
        REFERENCE model, the "pre-trained LLaVA" whose knowledge fine-tuning should keep
     5. evaluation of the reference model: the four sources, the target (zero-shot), the knowledge benchmark
        (eval/knowledge.json: real facts) and the loss on held-out real English text (eval/textloss.json)
-    6. per method x rank x seed: `llava-sculpt train` on the IconQA-style target with evaluation during
-       training, then the final evaluation of the saved run; knowledge retention = the share of the questions
-       the reference model answered correctly that are still answered correctly
+    6. per method x rank x seed: `llava-sculpt train` on the IconQA-style target (160 examples, one epoch of
+       40 steps of 4) with evaluation during training, then the final evaluation of the saved run, whose answers
+       to the curve's questions are also the curve's last point (RUN/eval/curve.jsonl); knowledge retention =
+       the share of the questions the reference model answered correctly that are still answered correctly
     7. OUT/summary.json (the demo's schema, plus knowledge and text-loss columns), OUT/table1_iconqa.md,
-       OUT/fig3_curves.png with the knowledge curve, OUT/summary.md
+       OUT/fig3_curves.png with the knowledge curve
 
-Speed on 2 CPU cores (the README measures each): stages 1 and 2 train in float32; the fine-tuning runs train
+Speed on 2 CPU cores (the README measures each): the data are made in a second process while the tiny world
+pre-trains on one thread; stages 1 and 2 train in float32; the fine-tuning runs train
 without LoRA dropout (PEFT's default; the authors' 0.05 costs ~40% of a bf16 CPU step), two at once (--jobs 2,
 one thread each), and evaluation generates with the adapter merged on load (`eval --merge-lora`, as LLaVA's
 builder does).  On a CPU that computes bfloat16 natively (AVX512-BF16 or AMX) fine-tuning runs in LLaVA's bf16
