@@ -45,6 +45,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -81,8 +82,9 @@ class RealSettings:
                                         # of the knowledge against 81% in float32, README)
     # fine-tuning on the target
     num_train: int = 160
-    epochs: int = 1                     # 40 steps of 4: each example seen once (the recipe up to 2026-12-07:
-    batch_size: int = 4                 # 2 epochs of batch 8, the same 40 steps at twice the cost per step)
+    epochs: int | None = None           # None = auto, with batch_size: 2 epochs of batch 8 (40 steps, each example
+    batch_size: int | None = None       # seen twice) in bf16; in float32, ~1.7x slower a step, 1 epoch of batch 4
+                                        # (40 steps at half the cost, each example once): within 30 min either way
     learning_rate: float = 2e-3
     projector_lr: float = 2e-5
     lora_dropout: float = 0.0           # PEFT's default; LLaVA's and the authors' 0.05 costs ~40% of a bf16 CPU
@@ -105,14 +107,25 @@ class RealSettings:
     curve_points: int = 2               # evaluation points during each fine-tuning run (and step 0: the reference)
 
     def resolved(self) -> RealSettings:
-        """The "auto" precisions fixed for this machine (summary.json records what ran): bf16 fine-tuning and
-        evaluation where the CPU computes bf16 natively, float32 elsewhere."""
+        """The "auto" settings fixed for this machine (summary.json records what ran): bf16 fine-tuning and
+        evaluation where the CPU computes bf16 natively, float32 elsewhere; the fine-tuning data follow the
+        fine-tuning precision (FINETUNE_DATA)."""
         from llava_sculpt.training.arguments import cpu_bf16_is_native
 
         native = cpu_bf16_is_native()
-        return replace(self, bf16=native if self.bf16 is None else self.bf16,
+        bf16 = native if self.bf16 is None else self.bf16
+        epochs, batch_size = FINETUNE_DATA[bf16]
+        return replace(self, bf16=bf16,
                        eval_dtype=("bfloat16" if native else "float32") if self.eval_dtype == "auto"
-                       else self.eval_dtype)
+                       else self.eval_dtype,
+                       epochs=epochs if self.epochs is None else self.epochs,
+                       batch_size=batch_size if self.batch_size is None else self.batch_size)
+
+
+# (epochs, batch size) of the fine-tuning runs by their precision (--bf16): the same 40 optimizer steps, half the
+# examples per step in float32.  Measured on 2 cores (README): a whole demo of 2 x 8 in float32 takes ~33 min
+# on an AVX2 CPU; 1 x 4 in float32 24.9 min on an AVX512 one, 2 x 8 in bf16 ~25 min (the README's runs).
+FINETUNE_DATA = {True: (2, 8), False: (1, 4)}
 
 
 def _log(text: str, started: float) -> None:
@@ -439,6 +452,7 @@ def finetune_recipe(s: RealSettings, method: str) -> dict:
 
 def finetune_steps(s: RealSettings) -> int:
     """Optimizer steps of one fine-tuning run (gradient accumulation 1)."""
+    s = s.resolved()
     return s.epochs * math.ceil(s.num_train / s.batch_size)
 
 
@@ -484,6 +498,7 @@ def curve_with_final_point(run: Path, data_root: Path, s: RealSettings) -> Path:
     from llava_sculpt.eval.during_training import CURVE_FILE as TRAINING_CURVE
     from llava_sculpt.eval.during_training import read_eval_curve
 
+    s = s.resolved()
     steps = finetune_steps(s)
     points = [p for p in read_eval_curve(str(run / TRAINING_CURVE)) if p["step"] < steps]
     final = {"step": steps, "epoch": float(s.epochs), **subset_point(run / "eval", data_root, s.curve_questions),
@@ -618,6 +633,11 @@ def background(jobs: int):
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    # `kill PID` (SIGTERM) of this process stops the workers too, as Ctrl-C does: without this the workers
+    # outlive it and go on training (and writing into OUT) unseen
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield pool
     except BaseException:
@@ -628,7 +648,28 @@ def background(jobs: int):
                 os.kill(process.pid, signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     pool.shutdown(wait=True)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def in_worker(threads: int, fn, *args):
@@ -644,6 +685,7 @@ def in_worker(threads: int, fn, *args):
     quiet.install()
     if multiprocessing.parent_process() is not None:  # a spawned worker: Ctrl-C stops it as it stops this process
         signal.signal(signal.SIGINT, signal.default_int_handler)  # (even when started with SIGINT ignored)
+        _die_with_parent()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -875,6 +917,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
         if f.name == "bf16":
             p.add_argument("--bf16", type=_auto_bool, default=None, metavar="{auto,True,False}",
                            help="fine-tuning in bf16; default auto: where this CPU computes bf16 natively")
+        elif f.name in ("epochs", "batch_size"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=_auto_int, default=None, metavar="{auto,N}",
+                           help="fine-tuning " + f.name.replace("_", " ") + "; default auto: "
+                           f"{FINETUNE_DATA[True][f.name == 'batch_size']} with --bf16 True, "
+                           f"{FINETUNE_DATA[False][f.name == 'batch_size']} in float32 (40 steps either way)")
         elif isinstance(f.default, bool):  # --stage-bf16 True/False, parsed as train's own flags are
             from transformers.hf_argparser import string_to_bool
 
@@ -906,6 +953,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, R
     settings = RealSettings(**{**values, "methods": methods, "ranks": _csv(args.ranks, int),
                                "seeds": _csv(args.seeds, int), "cmr_lambdas": lambdas})
     return args, settings
+
+
+def _auto_int(text: str) -> int | None:
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def _auto_bool(text: str) -> bool | None:

@@ -14,7 +14,7 @@ from llava_sculpt.training.arguments import cpu_bf16_is_native
 from tests.test_compose import make_lm
 
 TINY = dict(seeds=(0,), ranks=(4,), captions=16, stage2_per_skill=4, stage2_text=8, stage2_rank=4, num_train=16,
-            batch_size=8, questions=4, knowledge_questions=10, curve_questions=3)
+            epochs=2, batch_size=8, questions=4, knowledge_questions=10, curve_questions=3)
 
 
 def test_text_prompts_are_distinct_and_held_out():
@@ -87,7 +87,10 @@ def test_command_line_settings():
     _, s = parse_args(["--methods", "all"])
     assert "dare" in s.methods and "full" in s.methods and s.methods[-1] == "sculpt"
     assert parse_args(["--jobs", "1", "--stage-bf16", "True"])[1] == RealSettings(jobs=1, stage_bf16=True)
-    for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"], ["--jobs", "0"]):
+    assert parse_args(["--epochs", "auto", "--batch-size", "auto"])[1] == RealSettings()
+    assert parse_args(["--epochs", "2", "--batch-size", "8"])[1] == RealSettings(epochs=2, batch_size=8)
+    for bad in (["--bf16", "maybe"], ["--eval-dtype", "float16"], ["--methods", "nope"], ["--jobs", "0"],
+                ["--epochs", "0"], ["--batch-size", "many"]):
         with pytest.raises((SystemExit, Exception)):
             parse_args(bad)
     assert parse_args(["--curve-questions", "40"])[1].curve_questions == 40
@@ -110,8 +113,18 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_it(monkeypatch, native
     monkeypatch.setattr(arguments, "cpu_bf16_is_native", lambda: native)
     s = RealSettings().resolved()
     assert (s.bf16, s.eval_dtype) == ((True, "bfloat16") if native else (False, "float32"))
+    # the fine-tuning data follow the fine-tuning precision: 40 steps of 8 over 2 epochs in bf16, of 4 over 1 in
+    # float32 (half the cost where a step costs ~1.7x more)
+    assert (s.epochs, s.batch_size) == ((2, 8) if native else (1, 4))
     s = RealSettings(bf16=not native, eval_dtype="float32" if native else "bfloat16").resolved()
     assert (s.bf16, s.eval_dtype) == ((False, "float32") if native else (True, "bfloat16"))
+    assert (s.epochs, s.batch_size) == ((1, 4) if native else (2, 8))
+    from llava_sculpt.demo_real import finetune_steps
+
+    for bf16 in (True, False):
+        assert finetune_steps(RealSettings(bf16=bf16)) == 40
+    s = RealSettings(epochs=3, batch_size=5).resolved()  # given values are kept
+    assert (s.epochs, s.batch_size) == (3, 5) and finetune_steps(s) == 3 * 32
 
 
 def test_native_bf16_agrees_with_the_cpu_flags():
@@ -257,9 +270,11 @@ def test_demo_real_runs_every_stage_and_reuses_them(tmp_path, tiny_dir, capfd):
             assert point["scores"][b] == json.loads((copy / "scores" / f"{b}.json").read_text())["score"], b
 
 
-def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path, signum):
     """Ctrl-C during `fine_tune_all` with --jobs 2: the running runs are interrupted (SIGINT, as in the terminal)
-    and the queued ones never start, so the demo stops in seconds, not after the runs already handed out."""
+    and the queued ones never start, so the demo stops in seconds, not after the runs already handed out.
+    `kill PID` (SIGTERM to the demo alone) stops the workers as well: none outlives the demo."""
     import signal
     import subprocess
     import sys
@@ -267,10 +282,11 @@ def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path):
 
     script = tmp_path / "interrupted.py"
     script.write_text(
-        "import signal, time\n"
+        "import os, signal, sys, time\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import llava_sculpt.demo_real as dr\n"
         "def slow(*args):\n"
+        f"    open({str(tmp_path / 'pids')!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
         "    dr.fine_tune = slow\n"
@@ -283,7 +299,12 @@ def test_ctrl_c_stops_runs_at_once_and_starts_no_queued_one(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
     time.sleep(8)  # both workers spawned and sleeping in their first run
+    workers = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert len(workers) == 2
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signum))
     out, _ = proc.communicate(timeout=50)
     assert "interrupted" in out and time.monotonic() - sent < 20
+    assert len((tmp_path / "pids").read_text().split()) == 2  # no queued run started
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), pid
