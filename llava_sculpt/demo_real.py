@@ -123,8 +123,9 @@ class RealSettings:
 
 
 # (epochs, batch size) of the fine-tuning runs by their precision (--bf16): the same 40 optimizer steps, half the
-# examples per step in float32.  Measured on 2 cores (README): a whole demo of 2 x 8 in float32 takes ~33 min
-# on an AVX2 CPU; 1 x 4 in float32 24.9 min on an AVX512 one, 2 x 8 in bf16 ~25 min (the README's runs).
+# examples per step in float32.  Whole demos on 2 cores from scratch (README): 2 x 8 in bf16 21.8 min and 1 x 4 in
+# float32 24.9 min on an AVX512-BF16 EPYC; 2 x 8 in float32 took 36.5 min on an AVX2 EPYC (before this split)
+# and 30 steps of 8 in float32 ~29 min on the AVX512 one (estimated from its first runs).
 FINETUNE_DATA = {True: (2, 8), False: (1, 4)}
 
 
@@ -788,7 +789,8 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
     from llava_sculpt.training.arguments import cpu_bf16_is_native
 
     s = s.resolved()
-    _log(f"precision: fine-tuning in {'bf16' if s.bf16 else 'float32'}, evaluation in {s.eval_dtype}, stages 1-2 "
+    _log(f"precision: fine-tuning in {'bf16' if s.bf16 else 'float32'} ({s.epochs} epoch(s) of batch {s.batch_size}), "
+         f"evaluation in {s.eval_dtype}, stages 1-2 "
          f"in {'bf16' if s.stage_bf16 else 'float32'} (this CPU computes bf16 "
          f"{'natively' if cpu_bf16_is_native() else 'only by emulation, many times slower than float32'})", started)
     if language_model is None:
