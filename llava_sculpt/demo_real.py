@@ -14,8 +14,8 @@ pre-training, through LLaVA-1.5's whole recipe, on CPU.
        REFERENCE model, the "pre-trained LLaVA" whose knowledge fine-tuning should keep
     5. evaluation of the reference model: the four sources, the target (zero-shot), the knowledge benchmark
        (eval/knowledge.json: real facts) and the loss on held-out real English text (eval/textloss.json)
-    6. per method x rank x seed: `llava-sculpt train` on the IconQA-style target (160 examples, one epoch of
-       40 steps of 4) with evaluation during training, then the final evaluation of the saved run, whose answers
+    6. per method x rank x seed: `llava-sculpt train` on the IconQA-style target (160 examples, 40 steps: two
+       epochs of batch 8 in bf16, one of batch 4 in float32) with evaluation during training, then the final evaluation of the saved run, whose answers
        to the curve's questions are also the curve's last point (RUN/eval/curve.jsonl); knowledge retention =
        the share of the questions the reference model answered correctly that are still answered correctly
     7. OUT/summary.json (the demo's schema, plus knowledge and text-loss columns), OUT/table1_iconqa.md,
