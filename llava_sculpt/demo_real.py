@@ -467,7 +467,7 @@ def subset_point(eval_dir: Path, data_root: Path, n: int) -> dict:
     `n` questions of each curve benchmark, the questions the points during training ask: an evaluation point in
     eval_curve.jsonl's schema without step and epoch.  Their answers and the scorer's files are kept in
     EVAL_DIR/curve_point/{answers,scores}; an answer missing there is an error."""
-    from llava_sculpt.eval.during_training import summarise
+    from llava_sculpt.eval.during_training import point_means
     from llava_sculpt.eval.run_benchmark import benchmark_questions, score_benchmark
     from llava_sculpt.eval.specs import find_spec, load_spec
 
@@ -483,10 +483,7 @@ def subset_point(eval_dir: Path, data_root: Path, n: int) -> dict:
         payload = score_benchmark(spec, str(answers), str(eval_dir / "curve_point" / "scores" / f"{spec.name}.json"),
                                   "official", partial=False, asked=questions)
         scores[spec.name], roles[spec.name], counts[spec.name] = float(payload["score"]), spec.role, len(questions)
-    source, target = summarise(scores, roles)
-    knowledge = [scores[b] for b in scores if roles[b] == "knowledge"]
-    return {"scores": scores, "roles": roles, "num_questions": counts, "source_mean": source, "target": target,
-            "knowledge": sum(knowledge) / len(knowledge) if knowledge else None}
+    return {"scores": scores, "roles": roles, "num_questions": counts, **point_means(scores, roles)}
 
 
 def curve_with_final_point(run: Path, data_root: Path, s: RealSettings) -> Path:

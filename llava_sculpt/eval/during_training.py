@@ -282,6 +282,17 @@ def summarise(scores: dict[str, float], roles: dict[str, str]) -> tuple[float | 
     return mean("source"), mean("target")
 
 
+def point_means(scores: dict[str, float], roles: dict[str, str]) -> dict:
+    """A point's summary fields: "source_mean", "target" (`summarise`) and, only when a knowledge-role benchmark
+    was scored, "knowledge" (their mean; curves without one keep their exact lines)."""
+    source, target = summarise(scores, roles)
+    means = {"source_mean": source, "target": target}
+    knowledge = [scores[n] for n in scores if roles[n] == "knowledge"]
+    if knowledge:
+        means["knowledge"] = sum(knowledge) / len(knowledge)
+    return means
+
+
 # ------------------------------------------------------------------------------------------- the callback
 def _is_epoch_end(epoch) -> bool:
     return epoch is not None and epoch >= 1 and abs(epoch - round(epoch)) < 1e-6
@@ -423,12 +434,8 @@ class EvalDuringTraining:
                         scores[spec.name], roles[spec.name] = float(payload["score"]), spec.role
                         counts[spec.name] = len(questions)
                 self._show_once(warnings.getvalue())
-                source, target = summarise(scores, roles)
                 record = {"step": step, "epoch": epoch, "scores": scores, "roles": roles, "num_questions": counts,
-                          "source_mean": source, "target": target}
-                knowledge = [scores[n] for n in scores if roles[n] == "knowledge"]
-                if knowledge:  # only then: curves without a knowledge benchmark keep their exact lines
-                    record["knowledge"] = sum(knowledge) / len(knowledge)
+                          **point_means(scores, roles)}
                 record["seconds"] = round(time.monotonic() - started, 3)
                 append_point(os.path.join(self.output_dir, CURVE_FILE), record)
                 print(format_point(record), flush=True)
